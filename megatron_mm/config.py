@@ -1,0 +1,434 @@
+"""Typed run configuration: dataclasses, YAML loading, `--set` overrides, validation.
+
+One place decides whether a config can run. `validate(cfg, world_size, hardware)` is
+called before any process group starts and raises `ConfigError` whose message has one
+line per violation, each naming the key, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. `str(err)` is one line per violated rule."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3-style decoder: MLA attention, MoE with shared experts, optional MTP."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128  # dense MLP of the first `first_k_dense_layers` layers
+    num_attention_heads: int = 4
+    # Multi-head latent attention.
+    q_lora_rank: Optional[int] = 32  # None: queries are not compressed (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 16  # per-head query/key size without the rotary part
+    qk_pos_emb_head_dim: int = 8  # per-head rotary part (decoupled RoPE)
+    v_head_dim: int = 16
+    # Mixture of experts. num_experts None or 0 makes every layer dense.
+    num_experts: Optional[int] = 4
+    moe_ffn_hidden_size: int = 32
+    moe_router_topk: int = 2
+    num_shared_experts: int = 1
+    first_k_dense_layers: int = 1
+    router_score_function: str = "sigmoid"  # sigmoid (DeepSeek-V3) or softmax
+    router_expert_bias: bool = True  # aux-loss-free balancing through a per-expert bias
+    router_bias_update_rate: float = 1e-3
+    router_topk_scaling_factor: Optional[float] = None
+    router_num_groups: Optional[int] = None  # node-limited (group) routing
+    router_group_topk: Optional[int] = None
+    aux_loss_coeff: float = 0.0  # sequence-level auxiliary loss (DeepSeek-V3 uses 1e-4)
+    moe_grouped_gemm: bool = False
+    # Multi-token prediction.
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    # Tokens and positions.
+    vocab_size: int = 512
+    seq_length: int = 64
+    rope_type: str = "rope"  # rope or yarn
+    rotary_base: float = 10000.0
+    rotary_scaling_factor: float = 1.0  # YaRN context extension factor
+    original_max_position_embeddings: int = 4096  # YaRN
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    share_embeddings_and_output_weights: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 or bf16 (parameters and activations)
+    fp8: Optional[str] = None  # None, delayed, tensorwise or blockwise (needs TE on Hopper+)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_steps: int = 10
+    decay_style: str = "cosine"  # cosine, linear, constant, inverse-square-root
+    decay_steps: Optional[int] = None  # None: train.steps
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    steps: int = 100
+    seed: int = 1234
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class DataConfig:
+    # synthetic: random tokens (benchmarks); corpus: the built-in generated text corpus;
+    # indexed: megatron .bin/.idx files at `prefix` made by tools/prepare_data.py.
+    source: str = "corpus"
+    prefix: Optional[str] = None  # indexed dataset path prefix (without .bin/.idx)
+    tokenizer: Optional[str] = None  # sentencepiece .model (indexed source)
+    cache_dir: str = "~/.cache/megatron_mm"  # where the corpus source builds its data
+    corpus_documents: int = 4000
+    split: str = "98,2,0"  # train, valid, test
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run.dir>/checkpoints
+    save_interval: int = 0  # 0: only at the end and on SIGTERM
+    load: Optional[str] = None  # a checkpoints folder (latest iteration) or an iter_* folder
+    save_on_sigterm: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    tensorboard: bool = True
+    peak_tflops_per_gpu: Optional[float] = None  # for MFU; None: MFU is not reported
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into `typ`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError([f"{key}: expected a mapping, got {value!r}"])
+        return _build(typ, value, key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError([f"{key}={value!r}: expected true or false"])
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError([f"{key}={value!r}: expected a number"])
+        try:
+            number = float(value) if typ is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError([f"{key}={value!r}: expected {typ.__name__}"]) from None
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError([f"{key}={value!r}: expected an integer"])
+        return number
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        path = ", ".join(f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k in unknown)
+        raise ConfigError([f"{path}: unknown key (known: {', '.join(sorted(types))})"])
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, types[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{dotted}: {part} is not a section"])
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML file (which may name a `base:` file relative to itself) and apply
+    `dotted.key=value` overrides, values parsed as YAML scalars."""
+    tree = _read_yaml_tree(path) if path else {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected dotted.key=value"])
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    return _build(Config, tree)
+
+
+def _read_yaml_tree(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError([f"config file {path}: not found"])
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError([f"config file {path}: top level must be a mapping"])
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        _deep_merge(merged, _read_yaml_tree(os.path.join(os.path.dirname(path), b)))
+    _deep_merge(merged, tree)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def add_config_args(parser) -> None:
+    """The `--config FILE --set k=v ...` arguments every tool taking a training config has."""
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set parallel.tp=2 (repeatable)",
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Hardware:
+    """What validation needs to know about the machine (filled in by the runtime)."""
+
+    has_cuda: bool = False
+    fp8_capable: bool = False  # compute capability >= 8.9 (Ada/Hopper)
+    has_transformer_engine: bool = False
+    device_name: str = "cpu"
+
+
+FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
+
+
+def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
+    """Check every rule a run depends on; raise ConfigError listing each violation."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    problems: list[str] = []
+
+    def rule(ok: bool, key: str, value: Any, text: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value}: {text}")
+
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads, "model.vocab_size": m.vocab_size,
+        "model.seq_length": m.seq_length, "model.kv_lora_rank": m.kv_lora_rank,
+        "model.qk_head_dim": m.qk_head_dim, "model.qk_pos_emb_head_dim": m.qk_pos_emb_head_dim,
+        "model.v_head_dim": m.v_head_dim, "parallel.tp": p.tp, "parallel.pp": p.pp,
+        "parallel.ep": p.ep, "parallel.etp": p.etp, "train.micro_batch_size": t.micro_batch_size,
+        "train.global_batch_size": t.global_batch_size,
+    }
+    for key, value in positive.items():
+        rule(value >= 1, key, value, "must be at least 1")
+    rule(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0: only write the initial checkpoint)")
+    if problems:
+        raise ConfigError(problems)
+
+    rule(m.qk_pos_emb_head_dim % 2 == 0, "model.qk_pos_emb_head_dim", m.qk_pos_emb_head_dim,
+         "must be even (rotary embedding pairs)")
+    rule(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
+         f"must be divisible by parallel.tp={p.tp}")
+    rule(m.num_attention_heads % p.tp == 0, "model.num_attention_heads", m.num_attention_heads,
+         f"must be divisible by parallel.tp={p.tp}")
+    rule(m.rope_type in ("rope", "yarn"), "model.rope_type", m.rope_type, "must be rope or yarn")
+    rule(m.router_score_function in ("sigmoid", "softmax"), "model.router_score_function",
+         m.router_score_function, "must be sigmoid or softmax")
+    rule(0 <= m.first_k_dense_layers <= m.num_layers, "model.first_k_dense_layers",
+         m.first_k_dense_layers, f"must be between 0 and model.num_layers={m.num_layers}")
+    rule(m.mtp_num_layers >= 0, "model.mtp_num_layers", m.mtp_num_layers, "must be >= 0")
+    if m.is_moe:
+        rule(m.num_experts % p.ep == 0, "model.num_experts", m.num_experts,
+             f"must be divisible by parallel.ep={p.ep}")
+        rule(1 <= m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
+             f"must be between 1 and model.num_experts={m.num_experts}")
+        rule(m.first_k_dense_layers < m.num_layers, "model.first_k_dense_layers",
+             m.first_k_dense_layers, "leaves no MoE layer; set model.num_experts: null for a dense model")
+        rule(not (m.router_expert_bias and m.router_score_function != "sigmoid"),
+             "model.router_expert_bias", m.router_expert_bias,
+             "aux-loss-free expert bias needs model.router_score_function=sigmoid")
+        if m.router_num_groups:
+            rule(m.num_experts % m.router_num_groups == 0, "model.router_num_groups",
+                 m.router_num_groups, f"must divide model.num_experts={m.num_experts}")
+            rule(m.router_group_topk is not None and 1 <= m.router_group_topk <= m.router_num_groups,
+                 "model.router_group_topk", m.router_group_topk,
+                 f"must be between 1 and model.router_num_groups={m.router_num_groups}")
+        rule(p.tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+             f"must be true for an MoE model with parallel.tp={p.tp} > 1 (megatron-core rule)")
+    else:
+        rule(p.ep == 1, "parallel.ep", p.ep, "must be 1 for a dense model (model.num_experts unset)")
+    rule(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel",
+         p.sequence_parallel, "needs parallel.tp > 1")
+
+    # Layout against the world.
+    model_parallel = p.tp * p.pp
+    rule(world_size % model_parallel == 0, "parallel.tp*parallel.pp", model_parallel,
+         f"must divide the world size {world_size}")
+    if world_size % model_parallel == 0:
+        dp = world_size // model_parallel
+        expert_parallel = p.ep * p.etp * p.pp
+        rule(world_size % expert_parallel == 0, "parallel.ep*parallel.etp*parallel.pp",
+             expert_parallel, f"must divide the world size {world_size}")
+        per_step = t.micro_batch_size * dp
+        rule(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+             f"must be divisible by train.micro_batch_size*data_parallel="
+             f"{t.micro_batch_size}*{dp}={per_step}")
+        if p.vpp and p.pp > 1 and t.global_batch_size % per_step == 0:
+            microbatches = t.global_batch_size // per_step
+            rule(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
+                 f"gives {microbatches} micro-batches, which the interleaved schedule needs "
+                 f"divisible by parallel.pp={p.pp}")
+    chunks = p.pp * (p.vpp or 1)
+    rule(m.num_layers % chunks == 0, "model.num_layers", m.num_layers,
+         f"must be divisible by parallel.pp*parallel.vpp={chunks}")
+    if p.vpp is not None:
+        rule(p.vpp >= 1, "parallel.vpp", p.vpp, "must be at least 1 (or null)")
+        rule(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "needs parallel.pp > 1")
+    rule(p.etp == 1 or hardware.has_cuda, "parallel.etp", p.etp,
+         "must be 1 on gloo (CPU): gloo has no uneven all_gather, which expert TP needs")
+
+    # Precision and hardware.
+    rule(cfg.precision.dtype in ("fp32", "bf16"), "precision.dtype", cfg.precision.dtype,
+         "must be fp32 or bf16")
+    rule(cfg.precision.fp8 in FP8_RECIPES, "precision.fp8", cfg.precision.fp8,
+         "must be null, delayed, tensorwise or blockwise")
+    if cfg.precision.fp8 in FP8_RECIPES[1:]:
+        rule(hardware.has_transformer_engine, "precision.fp8", cfg.precision.fp8,
+             "needs Transformer Engine, which is not installed")
+        rule(hardware.fp8_capable, "precision.fp8", cfg.precision.fp8,
+             f"needs a GPU with FP8 (Hopper/Ada, compute capability >= 8.9); this is {hardware.device_name}")
+        rule(cfg.precision.dtype == "bf16", "precision.dtype", cfg.precision.dtype,
+             "must be bf16 when precision.fp8 is set")
+
+    # Training.
+    o, s = t.optimizer, t.scheduler
+    rule(o.name in ("adam", "sgd"), "train.optimizer.name", o.name, "must be adam or sgd")
+    rule(o.lr > 0, "train.optimizer.lr", o.lr, "must be > 0")
+    rule(0 <= o.min_lr <= o.lr, "train.optimizer.min_lr", o.min_lr,
+         f"must be between 0 and train.optimizer.lr={o.lr}")
+    rule(o.clip_grad >= 0, "train.optimizer.clip_grad", o.clip_grad, "must be >= 0 (0 disables)")
+    rule(s.decay_style in ("cosine", "linear", "constant", "inverse-square-root"),
+         "train.scheduler.decay_style", s.decay_style,
+         "must be cosine, linear, constant or inverse-square-root")
+    decay = s.decay_steps or t.steps
+    rule(t.steps == 0 or s.warmup_steps == 0 or 0 < s.warmup_steps < decay, "train.scheduler.warmup_steps",
+         s.warmup_steps, f"must be 0 or smaller than the decay steps ({decay})")
+
+    # Data, checkpoints, logging.
+    d = cfg.data
+    rule(d.source in ("synthetic", "corpus", "indexed"), "data.source", d.source,
+         "must be synthetic, corpus or indexed")
+    if d.source == "indexed":
+        rule(bool(d.prefix), "data.prefix", d.prefix, "is required when data.source=indexed")
+        if d.prefix:
+            rule(os.path.exists(d.prefix + ".bin") and os.path.exists(d.prefix + ".idx"),
+                 "data.prefix", d.prefix, "has no .bin/.idx pair (make one with tools/prepare_data.py)")
+        rule(bool(d.tokenizer) and os.path.exists(d.tokenizer or ""), "data.tokenizer", d.tokenizer,
+             "must name an existing sentencepiece .model when data.source=indexed")
+    rule(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
+         cfg.checkpoint.save_interval, "must be >= 0 (0: save only at the end)")
+    if cfg.checkpoint.load:
+        rule(os.path.isdir(cfg.checkpoint.load), "checkpoint.load", cfg.checkpoint.load,
+             "is not a folder")
+    rule(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, "must be at least 1")
+
+    if problems:
+        raise ConfigError(problems)

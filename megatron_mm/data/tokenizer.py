@@ -1,0 +1,123 @@
+"""SentencePiece training and the tokenizer megatron-core's GPTDataset reads.
+
+`GPTDatasetConfig.tokenizer` is typed `megatron.core.tokenizers.MegatronTokenizerBase`
+in megatron-core 0.16.1 (the older `megatron.core.datasets.megatron_tokenizer` class is
+`MegatronLegacyTokenizer`, deprecated), so `SentencePieceTokenizer` subclasses that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+
+import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+def _training_lines(texts: list[str]) -> list[str]:
+    """SentencePiece trains on lines: split documents on newlines, drop blank ones."""
+    return [line for text in texts for line in text.splitlines() if line.strip()]
+
+
+def train_sentencepiece(
+    texts: list[str], model_prefix: str, vocab_size: int, byte_fallback: bool = False
+) -> str:
+    """Train a BPE SentencePiece model on `texts`; return the path of `<model_prefix>.model`.
+
+    Deterministic: one thread, no sentence sampling or shuffling. `vocab_size` is an upper
+    bound (`hard_vocab_limit=False`), so a small corpus gives a smaller vocabulary. Ids
+    0-3 are unk, bos, eos (the end-of-document token) and pad.
+    """
+    lines = _training_lines(texts)
+    if not lines:
+        raise ValueError("train_sentencepiece: no non-empty text to train on")
+    folder = os.path.dirname(model_prefix)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            byte_fallback=byte_fallback,
+            split_digits=True,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=1 << 16,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise ValueError(f"sentencepiece training with vocab_size={vocab_size} failed: {err}") from err
+    return model_prefix + ".model"
+
+
+def _file_md5(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+
+
+class SentencePieceTokenizer(MegatronTokenizerBase):
+    """A SentencePiece `.model` with the interface megatron-core's datasets use.
+
+    The end-of-document token `eod` is SentencePiece's eos; `pad` is -1 for a model
+    trained without a pad piece (megatron-core then pads with an id that never occurs).
+    """
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"sentencepiece model {model_path}: not found")
+        super().__init__(model_path, {})
+        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"sentencepiece model {model_path}: has no eos piece to use as end of document")
+        self._vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
+        self._inv_vocab = {i: piece for piece, i in self._vocab.items()}
+        # Keys GPTDataset's cache hash; the file content, not its path, identifies the tokenizer.
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("model_md5", _file_md5(model_path))]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return self._inv_vocab
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def eos(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._sp.pad_id()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("SentencePieceTokenizer is for pretraining; it has no chat template")

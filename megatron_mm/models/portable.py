@@ -1,0 +1,106 @@
+"""Portable (no Transformer Engine) modules for megatron-core specs.
+
+megatron-core's own local spec cannot serve an MLA + MoE model (see DESIGN.md): its
+`DotProductAttention` assumes one head size for keys and values, and its
+`WrappedTorchNorm` refuses sequence parallelism. These two modules fill the gap; they are
+written by hand because no library provides them with megatron-core's module interface.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    """Core attention on `torch.nn.functional.scaled_dot_product_attention`.
+
+    Takes megatron's layout (query [sq, b, heads, qk_dim], key likewise, value
+    [sk, b, heads, v_dim]) with any key and value head sizes, and returns
+    [sq, b, heads * v_dim]. Causal masking for `AttnMaskType.causal`, none for `no_mask`,
+    and megatron's boolean mask (True = masked out) otherwise.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise ValueError("SDPAttention does not support packed sequences (use the TE spec)")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat key/value heads
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        mask, causal = None, False
+        if mask_type == AttnMaskType.causal:
+            causal = True
+        elif mask_type != AttnMaskType.no_mask and attention_mask is not None:
+            mask = ~attention_mask
+        if attention_bias is not None:
+            bias = attention_bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        dropout = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
+            )
+        sq, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm whose weight is marked `sequence_parallel` when the config is, so that
+    megatron-core's `finalize_model_grads` all-reduces its gradient across the
+    tensor-parallel group (each TP rank then sees only its sequence slice)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-6,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ):
+        super().__init__()
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"portable spec supports RMSNorm only, not {config.normalization}")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -1,0 +1,153 @@
+"""Backend spec providers and the DeepSeek-V3-style layer/block specs built from them.
+
+Two megatron-core `BackendSpecProvider`s of ours:
+  * `TESpecs` — Transformer Engine linears, norm and attention (needed for FP8);
+  * `PortableSpecs` — megatron-core's torch tensor-parallel linears plus our SDPA attention
+    and sequence-parallel RMSNorm (`portable.py`); runs anywhere torch runs.
+Both keep layernorms unfused and experts as `SequentialMLP`, so every parameter has the
+same name (and the same dist-checkpoint key) under either backend and a checkpoint moves
+between them. (TE modules also keep an `_extra_state` entry for FP8 metadata.)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_mtp_block_spec_for_backend,
+    get_mlp_module_spec_for_backend,
+)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_mm.models.portable import RMSNorm, SDPAttention
+
+
+class PortableSpecs(LocalSpecProvider):
+    """Torch-only modules: megatron-core TP linears, SDPA attention, SP-capable RMSNorm."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return RMSNorm
+
+    def core_attention(self) -> type:
+        return SDPAttention
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
+        return SequentialMLP, MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+        )
+
+
+def _te_specs_class():
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TENorm,
+        TERowParallelLinear,
+    )
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    class TESpecs(TESpecProvider):
+        """Transformer Engine modules, unfused so parameter names match `PortableSpecs`."""
+
+        def fuse_layernorm_and_linear(self) -> bool:
+            return False
+
+        def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+            return TENorm
+
+        def core_attention(self) -> type:
+            return TEDotProductAttention
+
+        def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
+            return SequentialMLP, MLPSubmodules(
+                linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear
+            )
+
+        def activation_func(self):
+            return None
+
+    return TESpecs
+
+
+def backend_for(use_transformer_engine: bool):
+    """The spec provider for this machine (the runtime decides `use_transformer_engine`)."""
+    return _te_specs_class()() if use_transformer_engine else PortableSpecs()
+
+
+def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec:
+    """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE."""
+    norm = backend.layer_norm(rms_norm=True)
+    mlp = get_mlp_module_spec_for_backend(
+        backend=backend, num_experts=num_experts if moe else None, moe_grouped_gemm=False
+    )
+    linear = backend.column_parallel_linear()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=MLASelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=MLASelfAttentionSubmodules(
+                    linear_q_proj=linear,
+                    linear_q_down_proj=linear,
+                    linear_q_up_proj=linear,
+                    linear_kv_down_proj=linear,
+                    linear_kv_up_proj=linear,
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
+                    kv_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_block_spec(
+    config: TransformerConfig, backend, vp_stage: Optional[int], pp_rank: Optional[int] = None
+) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage (and virtual stage) builds; `config.moe_layer_freq`
+    marks which global layers are MoE (DeepSeek-V3: the first k are dense)."""
+    pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
+    dense = mla_layer_spec(backend, moe=False, num_experts=None)
+    moe = mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts) if config.num_moe_experts else None
+    specs = [moe if is_moe else dense for is_moe in pattern]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(
+        layer_specs=specs[offset : offset + count], layer_norm=backend.layer_norm(rms_norm=True)
+    )
+
+
+def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int]):
+    """Multi-token-prediction block (built on the last stage only), or None."""
+    if not config.mtp_num_layers:
+        return None
+    layer = mla_layer_spec(backend, moe=bool(config.num_moe_experts), num_experts=config.num_moe_experts)
+    return get_gpt_mtp_block_spec_for_backend(config, layer, backend=backend, vp_stage=vp_stage)
+

@@ -1,0 +1,1 @@
+"""Process/device runtime: distributed init (torchrun or SLURM) and the CPU/no-TE compat layer."""

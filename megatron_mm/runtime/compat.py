@@ -1,0 +1,380 @@
+"""Every CPU / no-Transformer-Engine workaround for megatron-core 0.16.1, in one place.
+
+megatron-core assumes CUDA and Transformer Engine in a handful of places (DESIGN.md lists
+them). Each workaround below names the megatron-core call site it serves, is applied only
+where it is needed (`needed(hardware)`), and has a test in tests/test_compat.py that fails
+if the workaround stops being needed or stops working. No other module asks whether it is
+on a CPU: they call `apply()` once and use `transformer_config_overrides()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_mm.config import Hardware
+
+
+@dataclass(frozen=True)
+class Workaround:
+    name: str
+    call_site: str
+    needed: Callable[[Hardware], bool]
+    apply: Callable[[], None]
+
+
+_applied: set[str] = set()
+
+
+# --------------------------------------------------------------------------- RNG tracker
+# Call site: megatron/core/tensor_parallel/random.py, CudaRNGStatesTracker.add/fork read and
+# write torch.cuda RNG state (model_parallel_cuda_manual_seed → tracker.add).
+
+
+class CpuRNGStatesTracker:
+    """megatron-core's RNG-state tracker interface on the CPU default generator."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.states_, self.seeds_, self._is_initialized = {}, set(), False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized, self.states_ = True, dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"rng state {name} (seed {seed}) already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random
+
+    random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+# --------------------------------------------------------------------------- CUDA devices
+# Call sites: ~100 `torch.cuda.current_device()` used as a device (e.g.
+# models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.__init__), and literal
+# `device="cuda"` allocations (pipeline_parallel/schedules.py `total_num_tokens`,
+# distributed/param_and_grad_buffer.py). On a machine without CUDA every device argument
+# names the CPU: this torch-function mode rewrites `device=` arguments and `.cuda()`/
+# `.to("cuda")` to the CPU, and `torch.cuda.current_device()` answers 0 (read as cuda:0,
+# then redirected).
+# Call sites: optimizer/distrib_optimizer.py `_build_model_and_main_param_groups`,
+# optimizer/optimizer.py `Float16OptimizerWithFloat16Params`, optimizer/clip_grads.py accept
+# only parameters whose `tensor.type()` names a CUDA type: the same mode reports a CPU
+# tensor's type under its CUDA name (`torch.FloatTensor` → `torch.cuda.FloatTensor`).
+
+
+def _is_cuda_device(d) -> bool:
+    if isinstance(d, int) and not isinstance(d, bool):
+        return True
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    return isinstance(d, torch.device) and d.type == "cuda"
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Send every CUDA device argument to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_cuda_mode: CudaToCpuMode | None = None
+
+
+def _redirect_cuda_devices() -> None:
+    global _cuda_mode
+    torch.cuda.current_device = lambda: 0
+    _cuda_mode = CudaToCpuMode()
+    _cuda_mode.__enter__()  # for the life of the process
+
+
+# --------------------------------------------------------------------------- CUDA streams
+# Call sites: transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.__init__
+# (`torch.cuda.Stream()`) and `_maybe_dtoh_and_synchronize` (`torch.cuda.current_stream()`,
+# `torch.cuda.stream(...)`, `wait_stream`), plus `torch.cuda.synchronize()` in timers.
+# On the CPU work is synchronous: one stand-in stream object that does nothing.
+
+
+class _CpuStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+    def __eq__(self, other):
+        return isinstance(other, _CpuStream)
+
+    def __hash__(self):
+        return 0
+
+
+class _CpuEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+
+def _cpu_streams() -> None:
+    stream = _CpuStream()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.current_stream = lambda device=None: stream
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+
+
+# --------------------------------------------------------------------------- MoE split sizes
+# Call site: transformer/moe/moe_utils.py `maybe_move_tensor_to_cpu` converts only CUDA
+# tensors, so on the CPU the all-to-all dispatcher's input/output split sizes stay tensors
+# and `torch.distributed.all_to_all_single` rejects them. Convert CPU tensors as well.
+
+
+def _cpu_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# --------------------------------------------------------------------------- no Transformer Engine
+# Call site: transformer/multi_latent_attention.py sets HAVE_TE = True because its TE import
+# succeeds against megatron's placeholder module, then `isinstance(self.linear_proj, TELinear)`
+# fails with TELinear None.  Call site: transformer/moe/moe_utils.py
+# RouterGatingLinearFunction.forward reads `te_general_gemm`, never defined when the TE
+# import fails (NameError at the first MoE forward).
+
+
+def _mla_without_te() -> None:
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+
+
+def _router_gemm_without_te() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
+# --------------------------------------------------------------------------- optimizer step
+# Call site: optimizer/distrib_optimizer.py DistributedOptimizer.state_dict, on the path
+# without apex/TE (`not HAVE_APEX_OR_TE`), asserts that every parameter's torch Adam state
+# has a `step`; a fresh optimizer (building the sharded state dict to resume into, before
+# any step) has none. Give empty states a temporary step 0 while the state dict is read,
+# then empty them again so megatron-core's loader finds a fresh optimizer.
+
+
+def _optimizer_state_before_first_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        filled = []
+        if isinstance(inner, torch.optim.Adam):
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    if not inner.state[param]:
+                        inner.state[param]["step"] = torch.tensor(0.0)
+                        filled.append(param)
+        try:
+            return original(self)
+        finally:
+            for param in filled:
+                inner.state.pop(param, None)
+
+    DistributedOptimizer.state_dict = state_dict
+
+
+# Call site: optimizer/distrib_optimizer.py load_parameter_state_from_fully_reshardable skips
+# torch Adam's "step" when it reads the checkpoint (step comes back through the param
+# groups), then `_set_main_param_and_optimizer_states` copies every key of the destination
+# state, "step" included: KeyError. Keep the already-restored step for that key.
+# Call site: DistributedOptimizer.load_state_dict (no apex/TE path) gives every parameter
+# the *same* step tensor (`s["step"] = step`); torch Adam increments steps in place, so
+# after a resume the shared step advanced once per parameter per update and Adam's bias
+# correction went wrong. Give each parameter its own copy.
+
+
+def _adam_step_on_load() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state.get(main_param, {})
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
+WORKAROUNDS: list[Workaround] = [
+    Workaround(
+        "cpu_rng_tracker",
+        "megatron/core/tensor_parallel/random.py: CudaRNGStatesTracker.add uses torch.cuda RNG",
+        lambda hw: not hw.has_cuda,
+        _install_cpu_rng_tracker,
+    ),
+    Workaround(
+        "cuda_devices_to_cpu",
+        "rotary_pos_embedding.py RotaryEmbedding: torch.cuda.current_device(); "
+        "schedules.py: torch.zeros(device='cuda')",
+        lambda hw: not hw.has_cuda,
+        _redirect_cuda_devices,
+    ),
+    Workaround(
+        "cpu_streams",
+        "moe/token_dispatcher.py MoEAlltoAllTokenDispatcher: torch.cuda.Stream/current_stream",
+        lambda hw: not hw.has_cuda,
+        _cpu_streams,
+    ),
+    Workaround(
+        "cpu_split_sizes",
+        "moe/moe_utils.py maybe_move_tensor_to_cpu leaves CPU split sizes as tensors",
+        lambda hw: not hw.has_cuda,
+        _cpu_split_sizes,
+    ),
+    Workaround(
+        "mla_without_te",
+        "transformer/multi_latent_attention.py: HAVE_TE True without TE; isinstance(x, None)",
+        lambda hw: not hw.has_transformer_engine,
+        _mla_without_te,
+    ),
+    Workaround(
+        "router_gemm_without_te",
+        "transformer/moe/moe_utils.py RouterGatingLinearFunction: undefined te_general_gemm",
+        lambda hw: not hw.has_transformer_engine,
+        _router_gemm_without_te,
+    ),
+    Workaround(
+        "optimizer_state_before_first_step",
+        "optimizer/distrib_optimizer.py DistributedOptimizer.state_dict: assert every state has 'step'",
+        lambda hw: not hw.has_transformer_engine,
+        _optimizer_state_before_first_step,
+    ),
+    Workaround(
+        "adam_step_on_load",
+        "optimizer/distrib_optimizer.py _set_main_param_and_optimizer_states: KeyError 'step'; "
+        "load_state_dict shares one step tensor between parameters",
+        lambda hw: not hw.has_transformer_engine,
+        _adam_step_on_load,
+    ),
+]
+
+
+def apply(hardware: Hardware) -> list[str]:
+    """Apply every workaround this machine needs (idempotent); return their names."""
+    names = []
+    for w in WORKAROUNDS:
+        if w.needed(hardware):
+            if w.name not in _applied:
+                w.apply()
+                _applied.add(w.name)
+            names.append(w.name)
+    return names
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and megatron-core's model-parallel RNG tracker (after `apply`)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config_overrides(hardware: Hardware) -> dict:
+    """TransformerConfig fields this machine needs: fused kernels from apex/TE/CUDA off where
+    they do not exist; weights initialised on the CPU where there is no GPU."""
+    overrides = {}
+    if not hardware.has_transformer_engine:
+        overrides.update(
+            gradient_accumulation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+        )
+    if not hardware.has_cuda:
+        overrides.update(use_cpu_initialization=True)
+    return overrides

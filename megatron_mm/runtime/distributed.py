@@ -1,0 +1,163 @@
+"""Distributed start-up from torchrun or SLURM variables, and megatron-core parallel state.
+
+torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Under `srun` (one task a
+GPU) the same facts come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, and the rendezvous
+host is the first node of SLURM_JOB_NODELIST. A plain `python launch/pretrain.py` is one rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from megatron_mm.config import Hardware
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun, slurm or single
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as `gpu[01-03,07],login1` into host names.
+    (Written by hand so that no `scontrol` call is needed inside every task.)"""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            world_size=int(environ["WORLD_SIZE"]),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        nodes = expand_nodelist(environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "")))
+        job = int(environ.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            world_size=int(environ["SLURM_NTASKS"]),
+            master_addr=environ.get("MASTER_ADDR", nodes[0] if nodes else "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 20000 + job % 20000)),
+            launcher="slurm",
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return DistEnv(0, 0, 1, "127.0.0.1", port, "single")
+
+
+def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    return int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
+
+
+def detect_hardware() -> Hardware:
+    """What this machine offers; the only place that asks whether a GPU is here."""
+    has_cuda = torch.cuda.is_available()
+    try:
+        import transformer_engine  # noqa: F401
+
+        has_te = True
+    except Exception:  # ImportError, or a TE build that fails to load its library
+        has_te = False
+    if not has_cuda:
+        return Hardware(False, False, has_te, "cpu")
+    major, minor = torch.cuda.get_device_capability()
+    return Hardware(True, (major, minor) >= (8, 9), has_te, torch.cuda.get_device_name())
+
+
+def init_distributed(env: DistEnv, hardware: Hardware, timeout_minutes: int = 30) -> torch.device:
+    """Start the default process group (NCCL on GPUs, gloo on CPU); return this rank's device."""
+    if hardware.has_cuda:
+        torch.cuda.set_device(env.local_rank)
+        device, backend = torch.device("cuda", env.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return device
+
+
+def init_model_parallel(parallel) -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        order="tp-cp-ep-dp-pp",
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def rng_state() -> dict:
+    """Every RNG state this rank draws from (for bit-exact resume)."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, resident set size otherwise."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

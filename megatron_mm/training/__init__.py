@@ -1,0 +1,1 @@
+"""Training: the loop (`loop.py`), checkpoints, metrics and FLOPs accounting."""

@@ -1,0 +1,141 @@
+"""Checkpoints with megatron-core `dist_checkpointing` (torch_dist format).
+
+Layout on disk:  <root>/iter_0000010/   one distributed checkpoint per saved iteration
+                 <root>/latest_checkpointed_iteration.txt
+A checkpoint is written into `iter_N.partial` and renamed once every rank has finished, and
+the tracker file is replaced atomically afterwards, so a crash mid-save never leaves a
+half-written checkpoint where a resume would find it.
+
+Model and optimizer state are saved as sharded tensors keyed by global parameter name
+(the optimizer in megatron-core's `fully_reshardable` form), so a checkpoint loads into any
+TP/PP/EP/VPP layout. RNG states are per rank and are restored only into the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
+
+from megatron_mm.config import Config, to_dict
+from megatron_mm.runtime import distributed as runtime
+
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for but cannot be used."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def layout_of(cfg: Config, world_size: int) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "vpp": p.vpp, "world_size": world_size}
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """`path` is a checkpoints folder (its latest iteration) or one `iter_*` folder.
+    Returns (iteration folder, iteration) or raises CheckpointError saying what is wrong."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint.load={path}: no such folder")
+    tracker = os.path.join(path, TRACKER)
+    if os.path.exists(tracker):
+        text = open(tracker).read().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"checkpoint.load={path}: {TRACKER} is corrupt ({text[:40]!r})")
+        folder, iteration = iteration_dir(path, int(text)), int(text)
+    elif os.path.basename(os.path.normpath(path)).startswith("iter_"):
+        folder = path
+        try:
+            iteration = int(os.path.basename(os.path.normpath(path))[len("iter_"):])
+        except ValueError:
+            raise CheckpointError(f"checkpoint.load={path}: cannot read an iteration from the name") from None
+    else:
+        raise CheckpointError(
+            f"checkpoint.load={path}: no checkpoint here (neither {TRACKER} nor an iter_* folder)"
+        )
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint.load={path}: {TRACKER} names iteration {iteration} but {folder} is missing")
+    if not dist_checkpointing.check_is_distributed_checkpoint(folder):
+        raise CheckpointError(f"checkpoint.load={folder}: not a complete distributed checkpoint (metadata missing)")
+    return folder, iteration
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) -> dict:
+    state = {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING
+        )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state["rng_state"] = ShardedObject(
+        "rng_state", runtime.rng_state(), (world,), (rank,), replica_id=0
+    )
+    return state
+
+
+def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config) -> str:
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    torch.distributed.barrier()
+    # Iteration 0 (initial weights) has no optimizer state yet: the model alone is saved.
+    with_optimizer = iteration > 0
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=with_optimizer)
+    state.update(
+        iteration=iteration,
+        has_optimizer=with_optimizer,
+        scheduler=scheduler.state_dict(),
+        config=to_dict(cfg),
+        layout=layout_of(cfg, torch.distributed.get_world_size()),
+    )
+    dist_checkpointing.save(state, partial, sharded_strategy=("torch_dist", 1))
+    torch.distributed.barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(partial, final)
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, TRACKER))
+    torch.distributed.barrier()
+    return final
+
+
+def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Optional[str]]:
+    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged).
+    Returns (iteration, note about what was not restored or None)."""
+    folder, iteration = resolve(path)
+    common = dist_checkpointing.load_common_state_dict(folder)
+    same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
+    with_optimizer = common.get("has_optimizer", True)
+    state = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optimizer)
+    if not same_layout:
+        state.pop("rng_state")
+    try:
+        loaded = dist_checkpointing.load(state, folder, strict="raise_all")
+    except Exception as err:  # a missing key, a shape mismatch, a truncated file
+        raise CheckpointError(f"checkpoint.load={folder}: cannot be loaded into this model: {err}") from err
+    for i, chunk in enumerate(chunks):
+        unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+    note = None
+    if same_layout:
+        runtime.restore_rng_state(loaded["rng_state"])
+    else:
+        note = f"layout changed from {common.get('layout')}: RNG states re-seeded, not restored"
+    return iteration, note

@@ -1,0 +1,319 @@
+"""Pretraining, top to bottom: validate → start ranks → data → model → optimizer →
+resume → train steps (log, checkpoint, stop on SIGTERM) → final checkpoint.
+
+Everything parallel is megatron-core's: DDP + distributed optimizer, the pipeline
+schedules (1F1B, interleaved with VPP), `finalize_model_grads` (gradient all-reduce,
+per-token loss scaling, MoE expert-bias update), `dist_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from megatron_mm import data as data_lib
+from megatron_mm.config import Config, validate
+from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
+from megatron_mm.runtime import compat
+from megatron_mm.runtime import distributed as runtime
+from megatron_mm.training import checkpoint
+from megatron_mm.training.flops import training_flops_per_token
+from megatron_mm.training.metrics import MetricsLogger
+
+
+def log0(*args) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------- model and optimizer
+
+
+def build_model(cfg: Config, tc, hardware) -> list[DistributedDataParallel]:
+    chunks = build_model_chunks(cfg, tc, use_transformer_engine=hardware.has_transformer_engine and hardware.has_cuda)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.train.optimizer.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    model = []
+    for i, chunk in enumerate(chunks):
+        chunk.cuda()  # the runtime sends this to the CPU where there is no GPU
+        if tc.bf16:
+            chunk = Float16Module(tc, chunk)
+        model.append(
+            DistributedDataParallel(config=tc, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        )
+    return model
+
+
+def build_optimizer(cfg: Config, tc, model):
+    o, s = cfg.train.optimizer, cfg.train.scheduler
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer=o.name,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=tc.bf16,
+            params_dtype=tc.params_dtype,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_steps,
+        lr_decay_steps=max(s.decay_steps or cfg.train.steps, 1),
+        lr_decay_style=s.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(cfg.train.steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def forward_step(device, data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    position_ids = batch["position_ids"].to(device)
+    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+    return output, partial(loss_func, loss_mask)
+
+
+def loss_func(loss_mask, output_tensor):
+    """Per-token loss: megatron-core sums (loss, tokens) over micro-batches and DP ranks and
+    divides gradients by the global token count, so the step's loss is the global-batch
+    token mean whatever the layout."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+class ExpertLoadTracker:
+    """Captures each MoE layer's tokens-per-expert for the step before megatron-core's
+    `finalize_model_grads` consumes them (expert-bias update) and zeroes them."""
+
+    def __init__(self, model, num_layers: int, num_experts: int):
+        self.routers = [
+            m for chunk in model for m in chunk.modules() if getattr(m, "local_tokens_per_expert", None) is not None
+        ]
+        self.counts = torch.zeros(num_layers, max(num_experts, 1))
+
+    def finalize(self, *args, **kwargs):
+        self.counts.zero_()
+        for router in self.routers:
+            self.counts[router.layer_number - 1] += router.local_tokens_per_expert.detach().float().cpu()
+        return finalize_model_grads(*args, **kwargs)
+
+    def imbalance(self) -> dict:
+        """max/mean tokens per expert for every MoE layer (1.0 = perfectly balanced)."""
+        counts = self.counts.clone()
+        torch.distributed.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group())
+        torch.distributed.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        out = {}
+        for layer, row in enumerate(counts):
+            if row.sum() > 0:
+                out[f"moe/load_imbalance_layer{layer + 1}"] = float(row.max() / row.mean())
+        return out
+
+
+def reduce_step_losses(losses: list[dict], num_microbatches: int, mtp_layers: int) -> dict:
+    """Global-batch loss (and MTP loss) on every rank: sum over micro-batches on the last
+    stage, over data-parallel ranks, then across the pipeline so rank 0 has it."""
+    values = torch.zeros(2 + mtp_layers)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        lm = torch.zeros(2)
+        for item in losses:
+            lm += item["lm loss"].detach().float().cpu()
+        torch.distributed.all_reduce(lm, group=parallel_state.get_data_parallel_group())
+        values[:2] = lm
+        tracker = MTPLossLoggingHelper.tracker
+        if mtp_layers and "values" in tracker:
+            MTPLossLoggingHelper.reduce_loss_in_tracker()
+            values[2:] = tracker["values"].detach().float().cpu() / num_microbatches
+            MTPLossLoggingHelper.clean_loss_in_tracker()
+    torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    out = {"loss": float(values[0] / values[1]), "tokens": int(values[1])}
+    for i in range(mtp_layers):
+        out[f"mtp_{i + 1}_loss"] = float(values[2 + i])
+    return out
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (SLURM preemption or time limit) ask for a checkpoint and a clean exit;
+    every rank agrees on stopping at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print(f"[rank {torch.distributed.get_rank()}] received signal {signum}: will checkpoint and stop", flush=True)
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(cfg: Config) -> dict:
+    """Train per `cfg`; returns the last logged metrics (on every rank)."""
+    env = runtime.dist_env()
+    hardware = runtime.detect_hardware()
+    validate(cfg, env.world_size, hardware)  # before any process group starts
+    device = runtime.init_distributed(env, hardware)
+    try:
+        return _train(cfg, env, hardware, device)
+    finally:
+        runtime.shutdown()
+
+
+def _train(cfg: Config, env, hardware, device) -> dict:
+    runtime.init_model_parallel(cfg.parallel)
+    applied = compat.apply(hardware)
+    compat.seed_everything(cfg.train.seed)
+    rank0 = env.rank == 0
+    p, t = cfg.parallel, cfg.train
+    dp = parallel_state.get_data_parallel_world_size()
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    log0(f"megatron_mm: {env.world_size} rank(s) via {env.launcher} on {hardware.device_name}; "
+         f"tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} etp={p.etp} dp={dp}; "
+         f"{num_microbatches} micro-batch(es) of {t.micro_batch_size} per step; workarounds: {', '.join(applied) or 'none'}")
+
+    # Data (corpus/tokenizer built once per node, then read by every rank).
+    if env.local_rank == 0:
+        data_lib.prepare(cfg)
+    torch.distributed.barrier()
+    train_ds, _, _ = data_lib.build_datasets(cfg, *data_lib.prepare(cfg))
+
+    # Model, optimizer, schedule.
+    tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
+    model = build_model(cfg, tc, hardware)
+    optimizer, scheduler = build_optimizer(cfg, tc, model)
+    loads = ExpertLoadTracker(model, cfg.model.num_layers, cfg.model.num_experts or 0)
+    tc.grad_scale_func = optimizer.scale_loss
+    tc.finalize_model_grads_func = loads.finalize
+    if len(model) > 1:
+        tc.no_sync_func = [m.no_sync for m in model]
+    log0(f"model: {count_parameters(model):,} parameters on rank 0")
+
+    # Resume.
+    start = 0
+    if cfg.checkpoint.load:
+        start, note = checkpoint.load(cfg.checkpoint.load, model, optimizer, scheduler, cfg)
+        log0(f"resumed from {cfg.checkpoint.load} at step {start}" + (f" ({note})" if note else ""))
+    ckpt_root = cfg.checkpoint_dir
+    if t.steps == 0 or start >= t.steps:
+        path = checkpoint.save(ckpt_root, start, model, optimizer, scheduler, cfg)
+        log0(f"nothing to train (steps={t.steps}, start={start}); checkpoint at {path}")
+        return {}
+
+    logger = MetricsLogger(cfg.run.dir, t.steps, cfg.logging.tensorboard) if rank0 else None
+    stop = StopSignal()
+    forward_backward = get_forward_backward_func()
+    flops_per_token = training_flops_per_token(cfg.model)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    dp_rank = parallel_state.get_data_parallel_rank()
+    last: dict = {}
+    saved_at = start
+    for step in range(start + 1, t.steps + 1):
+        started = time.perf_counter()
+        iterators = [
+            data_lib.microbatch_iterator(train_ds, step, dp_rank, dp, t.micro_batch_size, t.global_batch_size)
+            for _ in model
+        ]
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(
+            forward_step_func=partial(forward_step, device),
+            data_iterator=iterators if len(model) > 1 else iterators[0],
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"step {step}: optimizer step failed (NaN/inf gradients)")
+        scheduler.step(increment=1)
+        step_time = time.perf_counter() - started
+
+        if step % cfg.logging.interval == 0 or step == t.steps:
+            metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers)
+            metrics.update(loads.imbalance())
+            peak = torch.tensor([runtime.peak_memory_gib()])
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            tflops = flops_per_token * tokens_per_step / step_time / env.world_size / 1e12
+            peak_tflops = cfg.logging.peak_tflops_per_gpu
+            metrics.update(
+                lm_loss=metrics["loss"],
+                lr=scheduler.get_lr(optimizer.param_groups[0]),
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens_per_s=tokens_per_step / step_time,
+                tflops_per_gpu=tflops,
+                mfu=tflops / peak_tflops if peak_tflops else None,
+                step_time_s=step_time,
+                peak_memory_gib=float(peak.item()),
+            )
+            last = metrics
+            if logger:
+                logger.log(step, metrics)
+
+        stopping = stop.agreed()
+        if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or (
+            stopping and cfg.checkpoint.save_on_sigterm
+        ):
+            path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler, cfg)
+            saved_at = step
+            log0(f"saved checkpoint {path}")
+        if stopping:
+            log0(f"stopping after step {step} on signal")
+            break
+    else:
+        if saved_at != t.steps:
+            path = checkpoint.save(ckpt_root, t.steps, model, optimizer, scheduler, cfg)
+            log0(f"saved checkpoint {path}")
+    if logger:
+        logger.close()
+    return last

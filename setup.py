@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mm",
+    version="0.1.0",
+    description="Multimodal 3D-parallel pretraining (MoE + MLA) on megatron-core",
+    packages=find_packages(include=["megatron_mm", "megatron_mm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Any torch the cluster already has (NGC containers bring their own); CPU machines
+        # install exact pins from constraints-cpu.txt so pip never resolves torch itself.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "psutil",  # megatron-core dist_checkpointing writer workers need it
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
