@@ -25,6 +25,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}".replace("\n", "\nconfig error: "), file=sys.stderr)
         return 2
+    except Exception as err:
+        from megatron_mm.training.checkpoint import CheckpointError
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

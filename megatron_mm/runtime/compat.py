@@ -88,8 +88,9 @@ def _install_cpu_rng_tracker() -> None:
 # `device="cuda"` allocations (pipeline_parallel/schedules.py `total_num_tokens`,
 # distributed/param_and_grad_buffer.py). On a machine without CUDA every device argument
 # names the CPU: this torch-function mode rewrites `device=` arguments and `.cuda()`/
-# `.to("cuda")` to the CPU, and `torch.cuda.current_device()` answers 0 (read as cuda:0,
-# then redirected).
+# `.to("cuda")` to the CPU, and `torch.cuda.current_device()` answers the CPU device itself
+# (the mode is not active inside autograd's backward, where tensor_parallel/layers.py
+# allocates with `device=torch.cuda.current_device()`).
 # Call sites: optimizer/distrib_optimizer.py `_build_model_and_main_param_groups`,
 # optimizer/optimizer.py `Float16OptimizerWithFloat16Params`, optimizer/clip_grads.py accept
 # only parameters whose `tensor.type()` names a CUDA type: the same mode reports a CPU
@@ -126,7 +127,7 @@ _cuda_mode: CudaToCpuMode | None = None
 
 def _redirect_cuda_devices() -> None:
     global _cuda_mode
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     _cuda_mode = CudaToCpuMode()
     _cuda_mode.__enter__()  # for the life of the process
 

@@ -85,7 +85,7 @@ def build_optimizer(cfg: Config, tc, model):
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=s.warmup_steps,
-        lr_decay_steps=max(s.decay_steps or cfg.train.steps, 1),
+        lr_decay_steps=max(s.decay_steps or cfg.train.steps, s.warmup_steps + 1),  # steps=0: never used
         lr_decay_style=s.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,

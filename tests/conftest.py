@@ -1,0 +1,44 @@
+"""Shared helpers: run launch/pretrain.py under torchrun (gloo, CPU) and read its metrics."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run pretraining on `nproc` gloo ranks with the quickstart config plus overrides."""
+    args = ["--config", QUICKSTART] + [a for o in overrides for a in ("--set", o)]
+    script = os.path.join(ROOT, "launch", "pretrain.py")
+    if nproc == 1:
+        cmd = [sys.executable, script] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", script] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("data-cache"))

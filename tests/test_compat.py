@@ -1,0 +1,49 @@
+"""Each CPU/no-TE workaround in megatron_mm.runtime.compat: its megatron-core call site
+fails without it (else the workaround is no longer needed) and works with it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mm.config import Hardware
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, os.path.join(HERE, "compat_probes.py"), mode],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {"without": _probe("without"), "with": _probe("with")}
+
+
+def test_every_workaround_has_a_probe():
+    from megatron_mm.runtime import compat
+    import compat_probes
+
+    assert [w.name for w in compat.WORKAROUNDS] == [p.__name__ for p in compat_probes.PROBES]
+
+
+@pytest.mark.parametrize("name", [
+    "cpu_rng_tracker", "cuda_devices_to_cpu", "cpu_streams", "cpu_split_sizes", "mla_without_te",
+    "router_gemm_without_te", "optimizer_state_before_first_step", "adam_step_on_load",
+])
+def test_workaround_needed_and_working(results, name):
+    assert results["without"][name] != "ok", f"{name}: megatron-core no longer needs this workaround"
+    assert results["with"][name] == "ok", f"{name}: {results['with'][name]}"
+
+
+def test_workarounds_only_where_needed():
+    from megatron_mm.runtime import compat
+
+    gpu_with_te = Hardware(has_cuda=True, fp8_capable=True, has_transformer_engine=True, device_name="H100")
+    assert [w.name for w in compat.WORKAROUNDS if w.needed(gpu_with_te)] == []
+    assert compat.transformer_config_overrides(gpu_with_te) == {}
