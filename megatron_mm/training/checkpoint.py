@@ -125,9 +125,22 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     if not same_layout:
         state.pop("rng_state")
     try:
-        loaded = dist_checkpointing.load(state, folder, strict="raise_all")
-    except Exception as err:  # a missing key, a shape mismatch, a truncated file
+        # megatron-core's naming: "missing" = in the checkpoint but not asked for,
+        # "unexpected" = asked for but absent from the checkpoint.
+        loaded, not_requested, absent = dist_checkpointing.load(state, folder, strict="return_all")
+    except Exception as err:  # a shape mismatch, a truncated or unreadable file
         raise CheckpointError(f"checkpoint.load={folder}: cannot be loaded into this model: {err}") from err
+    if absent:
+        raise CheckpointError(
+            f"checkpoint.load={folder}: the checkpoint lacks {len(absent)} key(s) this model needs, "
+            f"e.g. {sorted(absent)[:3]}"
+        )
+    not_requested = {key for key in not_requested if key != "rng_state"}  # per layout: skipped on purpose
+    if not_requested:
+        raise CheckpointError(
+            f"checkpoint.load={folder}: the checkpoint has {len(not_requested)} key(s) this model does "
+            f"not, e.g. {sorted(not_requested)[:3]} (a different model shape?)"
+        )
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
     if with_optimizer:
