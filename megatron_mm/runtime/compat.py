@@ -377,5 +377,9 @@ def transformer_config_overrides(hardware: Hardware) -> dict:
             persist_layer_norm=False,
         )
     if not hardware.has_cuda:
-        overrides.update(use_cpu_initialization=True)
+        # gloo matches p2p messages by (peer, tag) in posting order; with PP2 + VPP a rank's
+        # previous and next stage are the same rank, and the batched exchange
+        # (pipeline_parallel/p2p_communication.py `_batched_p2p_ops`) posts the activation
+        # and the gradient to it in an order the peer does not receive them in.
+        overrides.update(use_cpu_initialization=True, batch_p2p_comm=False)
     return overrides
