@@ -199,12 +199,14 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError([f"{key}={value!r}: expected a number"])
         try:
             number = float(value) if typ is float else int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
             raise ConfigError([f"{key}={value!r}: expected {typ.__name__}"]) from None
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError([f"{key}={value!r}: expected an integer"])
         return number
     if typ is str:
+        if value is None or isinstance(value, (dict, list)):  # str(None) would be "None"
+            raise ConfigError([f"{key}={value!r}: expected a string"])
         return str(value)
     return value
 
@@ -315,8 +317,13 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         "model.qk_head_dim": m.qk_head_dim, "model.qk_pos_emb_head_dim": m.qk_pos_emb_head_dim,
         "model.v_head_dim": m.v_head_dim, "parallel.tp": p.tp, "parallel.pp": p.pp,
         "parallel.ep": p.ep, "parallel.etp": p.etp, "train.micro_batch_size": t.micro_batch_size,
-        "train.global_batch_size": t.global_batch_size,
+        "train.global_batch_size": t.global_batch_size, "model.ffn_hidden_size": m.ffn_hidden_size,
     }
+    if m.q_lora_rank is not None:
+        positive["model.q_lora_rank"] = m.q_lora_rank
+    if m.is_moe:
+        positive["model.num_experts"] = m.num_experts
+        positive["model.moe_ffn_hidden_size"] = m.moe_ffn_hidden_size
     for key, value in positive.items():
         rule(value >= 1, key, value, "must be at least 1")
     rule(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0: only write the initial checkpoint)")
@@ -402,7 +409,8 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
     o, s = t.optimizer, t.scheduler
     rule(o.name in ("adam", "sgd"), "train.optimizer.name", o.name, "must be adam or sgd")
     rule(o.lr > 0, "train.optimizer.lr", o.lr, "must be > 0")
-    rule(0 <= o.min_lr <= o.lr, "train.optimizer.min_lr", o.min_lr,
+    # (a bad lr is reported once, by the rule above, not again through min_lr <= lr)
+    rule(o.min_lr >= 0 and (o.lr <= 0 or o.min_lr <= o.lr), "train.optimizer.min_lr", o.min_lr,
          f"must be between 0 and train.optimizer.lr={o.lr}")
     rule(o.clip_grad >= 0, "train.optimizer.clip_grad", o.clip_grad, "must be >= 0 (0 disables)")
     rule(s.decay_style in ("cosine", "linear", "constant", "inverse-square-root"),

@@ -71,7 +71,7 @@ EXPECTED = {
         router_group_topk=4, aux_loss_coeff=1e-4, mtp_num_layers=1, mtp_loss_scaling_factor=0.1,
         vocab_size=129280, seq_length=4096, rope_type="yarn", rotary_scaling_factor=40.0,
         original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
-        mscale_all_dim=1.0,
+        mscale_all_dim=1.0, init_method_std=0.006,
     ),
 }
 

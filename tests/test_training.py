@@ -89,3 +89,20 @@ def test_missing_and_corrupt_checkpoints_are_reported(reference, tmp_path):
     (bad / "latest_checkpointed_iteration.txt").write_text("3")
     proc = pretrain(1, COMMON + reference["data"] + [f"checkpoint.load={bad}", f"run.dir={tmp_path}/r2"], check=False)
     assert proc.returncode != 0 and "not a complete distributed checkpoint" in proc.stderr
+
+
+def test_mtp_loss_matches_across_pipeline(tmp_path, data_cache):
+    """With one MTP layer (on the last stage), PP2 reproduces one rank's LM and MTP losses."""
+    mtp = [*COMMON, f"data.cache_dir={data_cache}", "model.mtp_num_layers=1", "train.steps=3"]
+    pretrain(1, mtp + ["train.steps=0", f"run.dir={tmp_path}/init"])
+    init = f"checkpoint.load={tmp_path}/init/checkpoints"
+    pretrain(1, mtp + [init, f"run.dir={tmp_path}/one"])
+    pretrain(2, mtp + [init, "parallel.pp=2", f"run.dir={tmp_path}/pp2"])
+    rows = {}
+    for name in ("one", "pp2"):
+        with open(f"{tmp_path}/{name}/metrics.jsonl") as f:
+            rows[name] = [json.loads(line) for line in f]
+    for a, b in zip(rows["one"], rows["pp2"], strict=True):
+        assert 4.0 < a["mtp_1_loss"] < 7.0
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOLERANCE)
+        assert b["mtp_1_loss"] == pytest.approx(a["mtp_1_loss"], rel=LOSS_TOLERANCE)

@@ -229,7 +229,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
     model = build_model(cfg, tc, hardware)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
-    loads = ExpertLoadTracker(model, cfg.model.num_layers, cfg.model.num_experts or 0)
+    loads = ExpertLoadTracker(model, cfg.model.num_layers + cfg.model.mtp_num_layers, cfg.model.num_experts or 0)
     tc.grad_scale_func = optimizer.scale_loss
     tc.finalize_model_grads_func = loads.finalize
     if len(model) > 1:
