@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, to_dict
@@ -71,7 +72,14 @@ def resolve(path: str) -> tuple[str, int]:
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) -> dict:
-    state = {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    # GPTModel.sharded_state_dict reads metadata["dp_cp_group"] itself on an MTP stage
+    # without the first stage's embedding (megatron-core 0.16.1, gpt_model.py), so the
+    # metadata is passed filled in rather than left to the submodules' defaults.
+    metadata = ensure_metadata_has_dp_cp_group(None)
+    state = {
+        f"model{i}": unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        for i, chunk in enumerate(chunks)
+    }
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING
