@@ -139,6 +139,7 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end and on SIGTERM
     load: Optional[str] = None  # a checkpoints folder (latest iteration) or an iter_* folder
     save_on_sigterm: bool = True
+    save_at_end: bool = True  # false for benchmarks: nothing is written after the last step
 
 
 @dataclass

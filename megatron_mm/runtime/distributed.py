@@ -107,6 +107,7 @@ def init_distributed(env: DistEnv, hardware: Hardware, timeout_minutes: int = 30
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if hardware.has_cuda else None,  # binds NCCL to this rank's GPU
         )
     return device
 

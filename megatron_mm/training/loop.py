@@ -124,16 +124,16 @@ class ExpertLoadTracker:
     """Captures each MoE layer's tokens-per-expert for the step before megatron-core's
     `finalize_model_grads` consumes them (expert-bias update) and zeroes them."""
 
-    def __init__(self, model, num_layers: int, num_experts: int):
+    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
         self.routers = [
             m for chunk in model for m in chunk.modules() if getattr(m, "local_tokens_per_expert", None) is not None
         ]
-        self.counts = torch.zeros(num_layers, max(num_experts, 1))
+        self.counts = torch.zeros(num_layers, max(num_experts, 1), device=device)
 
     def finalize(self, *args, **kwargs):
         self.counts.zero_()
         for router in self.routers:
-            self.counts[router.layer_number - 1] += router.local_tokens_per_expert.detach().float().cpu()
+            self.counts[router.layer_number - 1] += router.local_tokens_per_expert.detach().float()
         return finalize_model_grads(*args, **kwargs)
 
     def imbalance(self) -> dict:
@@ -141,6 +141,7 @@ class ExpertLoadTracker:
         counts = self.counts.clone()
         torch.distributed.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group())
         torch.distributed.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        counts = counts.cpu()
         out = {}
         for layer, row in enumerate(counts):
             if row.sum() > 0:
@@ -148,20 +149,20 @@ class ExpertLoadTracker:
         return out
 
 
-def reduce_step_losses(losses: list[dict], num_microbatches: int, mtp_layers: int) -> dict:
+def reduce_step_losses(losses: list[dict], num_microbatches: int, mtp_layers: int, device: torch.device) -> dict:
     """Global-batch loss (and MTP loss) on every rank: sum over micro-batches on the last
     stage, over data-parallel ranks, then across the pipeline so rank 0 has it."""
-    values = torch.zeros(2 + mtp_layers)
+    values = torch.zeros(2 + mtp_layers, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        lm = torch.zeros(2)
+        lm = torch.zeros(2, device=device)
         for item in losses:
-            lm += item["lm loss"].detach().float().cpu()
+            lm += item["lm loss"].detach().float()
         torch.distributed.all_reduce(lm, group=parallel_state.get_data_parallel_group())
         values[:2] = lm
         tracker = MTPLossLoggingHelper.tracker
         if mtp_layers and "values" in tracker:
             MTPLossLoggingHelper.reduce_loss_in_tracker()
-            values[2:] = tracker["values"].detach().float().cpu() / num_microbatches
+            values[2:] = tracker["values"].detach().float() / num_microbatches
             MTPLossLoggingHelper.clean_loss_in_tracker()
     torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
     out = {"loss": float(values[0] / values[1]), "tokens": int(values[1])}
@@ -177,7 +178,8 @@ class StopSignal:
     """SIGTERM/SIGUSR1 (SLURM preemption or time limit) ask for a checkpoint and a clean exit;
     every rank agrees on stopping at the same step."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
@@ -187,7 +189,7 @@ class StopSignal:
         print(f"[rank {torch.distributed.get_rank()}] received signal {signum}: will checkpoint and stop", flush=True)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -229,7 +231,9 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
     model = build_model(cfg, tc, hardware)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
-    loads = ExpertLoadTracker(model, cfg.model.num_layers + cfg.model.mtp_num_layers, cfg.model.num_experts or 0)
+    loads = ExpertLoadTracker(
+        model, cfg.model.num_layers + cfg.model.mtp_num_layers, cfg.model.num_experts or 0, device
+    )
     tc.grad_scale_func = optimizer.scale_loss
     tc.finalize_model_grads_func = loads.finalize
     if len(model) > 1:
@@ -248,7 +252,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         return {}
 
     logger = MetricsLogger(cfg.run.dir, t.steps, cfg.logging.tensorboard) if rank0 else None
-    stop = StopSignal()
+    stop = StopSignal(device)
     forward_backward = get_forward_backward_func()
     flops_per_token = training_flops_per_token(cfg.model)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
@@ -280,9 +284,9 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         step_time = time.perf_counter() - started
 
         if step % cfg.logging.interval == 0 or step == t.steps:
-            metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers)
+            metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers, device)
             metrics.update(loads.imbalance())
-            peak = torch.tensor([runtime.peak_memory_gib()])
+            peak = torch.tensor([runtime.peak_memory_gib()], device=device)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
             tflops = flops_per_token * tokens_per_step / step_time / env.world_size / 1e12
             peak_tflops = cfg.logging.peak_tflops_per_gpu
@@ -311,7 +315,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             log0(f"stopping after step {step} on signal")
             break
     else:
-        if saved_at != t.steps:
+        if saved_at != t.steps and cfg.checkpoint.save_at_end:
             path = checkpoint.save(ckpt_root, t.steps, model, optimizer, scheduler, cfg)
             log0(f"saved checkpoint {path}")
     if logger:
