@@ -12,10 +12,13 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        "pillow",  # demo images, image checks when building shards
         "psutil",  # megatron-core dist_checkpointing writer workers need it
         "pyyaml",
         "sentencepiece",
+        "soundfile",  # WAV/FLAC read and write (bundles libsndfile)
         "tensorboard",
+        "webdataset",  # multimodal shards
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],

@@ -16,6 +16,16 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
+# Multimodal special pieces: media placeholders and the chat template's role markers
+# (megatron_mm/data/multimodal/text.py). Trained as sentencepiece user-defined symbols, so
+# each is always one piece with its own id, right after the four ids above.
+IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+END_TOKEN = "<|end|>"
+MULTIMODAL_SPECIAL_TOKENS = (IMAGE_TOKEN, AUDIO_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
+
 
 def _training_lines(texts: list[str]) -> list[str]:
     """SentencePiece trains on lines: split documents on newlines, drop blank ones."""
@@ -23,13 +33,15 @@ def _training_lines(texts: list[str]) -> list[str]:
 
 
 def train_sentencepiece(
-    texts: list[str], model_prefix: str, vocab_size: int, byte_fallback: bool = False
+    texts: list[str], model_prefix: str, vocab_size: int, byte_fallback: bool = False,
+    special_tokens: tuple[str, ...] = (),
 ) -> str:
     """Train a BPE SentencePiece model on `texts`; return the path of `<model_prefix>.model`.
 
     Deterministic: one thread, no sentence sampling or shuffling. `vocab_size` is an upper
     bound (`hard_vocab_limit=False`), so a small corpus gives a smaller vocabulary. Ids
-    0-3 are unk, bos, eos (the end-of-document token) and pad.
+    0-3 are unk, bos, eos (the end-of-document token) and pad; `special_tokens` (e.g.
+    `MULTIMODAL_SPECIAL_TOKENS`) follow as user-defined symbols, each always one piece.
     """
     lines = _training_lines(texts)
     if not lines:
@@ -52,6 +64,7 @@ def train_sentencepiece(
             shuffle_input_sentence=False,
             max_sentence_length=1 << 16,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            user_defined_symbols=list(special_tokens),
             minloglevel=2,
         )
     except RuntimeError as err:
@@ -74,7 +87,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"sentencepiece model {model_path}: not found")
-        super().__init__(model_path, {})
+        super().__init__(model_path, {})  # sets self.path
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         if self._sp.eos_id() < 0:
             raise ValueError(f"sentencepiece model {model_path}: has no eos piece to use as end of document")
@@ -112,6 +125,19 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
     @property
     def pad(self) -> int:
         return self._sp.pad_id()
+
+    def special_token_id(self, piece: str) -> int:
+        """The id of a special piece such as `IMAGE_TOKEN`; an error if the model lacks it."""
+        token_id = self._vocab.get(piece)
+        if token_id is None:
+            raise ValueError(f"sentencepiece model {self.path}: has no {piece!r} piece; train it with "
+                             f"special_tokens={MULTIMODAL_SPECIAL_TOKENS} (see multimodal.text)")
+        return token_id
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the multimodal special pieces this model has (placeholders, chat markers)."""
+        return {piece: self._vocab[piece] for piece in MULTIMODAL_SPECIAL_TOKENS if piece in self._vocab}
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
