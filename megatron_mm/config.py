@@ -232,7 +232,17 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError([f"{dotted}: {part} is not a section"])
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    node[parts[-1]] = _parse_yaml(raw, f"{dotted}={raw!r}") if raw != "" else None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # str(err) spans several lines; the config error is one
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError([f"{where}: not valid YAML{at}: {problem}"]) from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -247,20 +257,30 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return _build(Config, tree)
 
 
-def _read_yaml_tree(path: str) -> dict:
+def _read_yaml_tree(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """The YAML mapping of `path` merged over its `base:` files (a name or a list, relative
+    to the file naming them). `chain` is the files whose bases led here, for the messages
+    about a base that loops back into its own chain or does not exist."""
+    path = os.path.normpath(path)
+    here = (*chain, path)
+    if os.path.realpath(path) in map(os.path.realpath, chain):
+        raise ConfigError([f"config file {here[0]}: base chain loops: {' -> '.join(here)}"])
     if not os.path.exists(path):
-        raise ConfigError([f"config file {path}: not found"])
+        named_by = f" (named as base by {chain[-1]})" if chain else ""
+        raise ConfigError([f"config file {path}: not found{named_by}"])
     with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        tree = _parse_yaml(f.read(), f"config file {path}") or {}
     if not isinstance(tree, dict):
         raise ConfigError([f"config file {path}: top level must be a mapping"])
     base = tree.pop("base", None)
     if base is None:
         return tree
     bases = base if isinstance(base, list) else [base]
+    if not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError([f"config file {path}: base={base!r}: must be a file name or a list of file names"])
     merged: dict = {}
     for b in bases:
-        _deep_merge(merged, _read_yaml_tree(os.path.join(os.path.dirname(path), b)))
+        _deep_merge(merged, _read_yaml_tree(os.path.join(os.path.dirname(path), b), here))
     _deep_merge(merged, tree)
     return merged
 

@@ -1,9 +1,18 @@
 """Probes of the megatron-core call sites each compat workaround serves. Run as a script
-(`python compat_probes.py with|without`) it prints JSON {workaround: "ok" | error}."""
+(`python compat_probes.py with|without`) it prints JSON {workaround: "ok" | error}.
 
+Two kinds: PROBES, one per `compat.WORKAROUNDS` entry ("with" applies them all), and
+OVERRIDE_PROBES, one per TransformerConfig override in `compat.transformer_config_overrides`
+that works around megatron-core ("with" uses the overrides, "without" megatron's defaults).
+"""
+
+import dataclasses
+import datetime
 import inspect
 import json
+import os
 import sys
+import tempfile
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -84,15 +93,66 @@ def adam_step_on_load():
 PROBES = [cpu_rng_tracker, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
           router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load]
 
+
+# --------------------------------------------------------------------------- config overrides
+
+CONFIG_OVERRIDES: dict = {}  # "with": compat.transformer_config_overrides(CPU); "without": none
+
+
+def _exchange_with_peer(rank, rendezvous, config_kwargs, received):
+    """One of two pipeline ranks: the interleaved schedule's bidirectional exchange, sending
+    activation 100+rank forward and gradient 200+rank backward; puts what arrived."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    from megatron_mm.config import Hardware
+    from megatron_mm.runtime import compat
+
+    compat.apply(Hardware())  # the call site also allocates on torch.cuda.current_device()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=30))
+    comm = P2PCommunicator(torch.distributed.new_group([0, 1]),
+                           ModelParallelConfig(pipeline_dtype=torch.float32, **config_kwargs))
+    activation, gradient = comm.send_forward_backward_recv_forward_backward(
+        torch.full((2, 3), 100.0 + rank), torch.full((2, 3), 200.0 + rank),
+        recv_prev=True, recv_next=True, tensor_shape=(2, 3))
+    received.put((rank, activation.unique().tolist(), gradient.unique().tolist()))
+    torch.distributed.destroy_process_group()
+
+
+def batch_p2p_comm():
+    """PP2: a rank's previous and next stage are the same peer. The interleaved schedule's
+    `send_forward_backward_recv_forward_backward` must still hand each rank the peer's
+    activation as its input and the peer's gradient as its output gradient."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    config_kwargs = {k: v for k, v in CONFIG_OVERRIDES.items() if k in fields}
+    context = torch.multiprocessing.get_context("fork")  # fork: the ranks inherit imported megatron-core
+    received = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.start_processes(_exchange_with_peer, args=(os.path.join(tmp, "rendezvous"), config_kwargs,
+                                              received), nprocs=2, start_method="fork")
+    for rank, activation, gradient in sorted(received.get() for _ in range(2)):
+        peer = 1 - rank
+        assert (activation, gradient) == ([100.0 + peer], [200.0 + peer]), (
+            f"rank {rank} received activation {activation} and gradient {gradient} from rank {peer}, "
+            f"which sent activation {100.0 + peer} and gradient {200.0 + peer}")
+
+
+OVERRIDE_PROBES = [batch_p2p_comm]
+
 if __name__ == "__main__":
     from megatron_mm.config import Hardware
 
     if sys.argv[1] == "with":
         from megatron_mm.runtime import compat
 
-        compat.apply(Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False))
+        cpu = Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False)
+        compat.apply(cpu)
+        CONFIG_OVERRIDES.update(compat.transformer_config_overrides(cpu))
     results = {}
-    for probe in PROBES:
+    for probe in PROBES + OVERRIDE_PROBES:
         try:
             probe()
             results[probe.__name__] = "ok"

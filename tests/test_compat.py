@@ -1,5 +1,6 @@
-"""Each CPU/no-TE workaround in megatron_mm.runtime.compat: its megatron-core call site
-fails without it (else the workaround is no longer needed) and works with it."""
+"""Each CPU/no-TE workaround in megatron_mm.runtime.compat (a patch, or a TransformerConfig
+override): its megatron-core call site fails without it (else the workaround is no longer
+needed) and works with it."""
 
 import json
 import os
@@ -30,15 +31,23 @@ def test_every_workaround_has_a_probe():
     import compat_probes
 
     assert [w.name for w in compat.WORKAROUNDS] == [p.__name__ for p in compat_probes.PROBES]
+    overrides = compat.transformer_config_overrides(Hardware(has_cuda=False, has_transformer_engine=False))
+    assert all(p.__name__ in overrides for p in compat_probes.OVERRIDE_PROBES)
 
 
 @pytest.mark.parametrize("name", [
     "cpu_rng_tracker", "cuda_devices_to_cpu", "cpu_streams", "cpu_split_sizes", "mla_without_te",
-    "router_gemm_without_te", "optimizer_state_before_first_step", "adam_step_on_load",
+    "router_gemm_without_te", "optimizer_state_before_first_step", "adam_step_on_load", "batch_p2p_comm",
 ])
 def test_workaround_needed_and_working(results, name):
     assert results["without"][name] != "ok", f"{name}: megatron-core no longer needs this workaround"
     assert results["with"][name] == "ok", f"{name}: {results['with'][name]}"
+
+
+def test_batched_p2p_swaps_activation_and_gradient(results):
+    # Rank 1 sent activation 101 and gradient 201; batched, rank 0 got them in each other's slot.
+    assert results["without"]["batch_p2p_comm"].startswith(
+        "AssertionError: rank 0 received activation [201.0] and gradient [101.0] from rank 1"), results["without"]
 
 
 def test_workarounds_only_where_needed():

@@ -1,22 +1,30 @@
 """Typed config: the shipped model configs load through `base:` inheritance, `--set`
-overrides are typed, unknown keys are named, every invalid config is refused with exactly
-one line naming key and value, the tiny model fits the CPU test layouts, and the parameter
-arithmetic prices the shipped DeepSeek shapes at their published sizes.
+overrides are typed, every bad config (a bad file, a bad `--set`, a rule `validate` refuses)
+is refused with exactly one line naming key, value and rule, the launcher stops on one
+before any process group, the quickstart fits the CPU test layouts, the large models fit
+production layouts, and the parameter arithmetic prices the shipped DeepSeek shapes at their
+published sizes.
 
-Fast: no process groups, no torch model is built.
+Fast: no process groups, no torch model is built (the launcher test starts one Python).
 """
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from megatron_mm.config import Config, ConfigError, Hardware, ModelConfig, load_config, validate
+from conftest import QUICKSTART, ROOT
+from megatron_mm.config import (
+    Config, ConfigError, Hardware, LoggingConfig, ModelConfig, OptimizerConfig, load_config, validate,
+)
 from megatron_mm.models.params import estimate_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "configs", "models")
+V3 = os.path.join(MODELS, "deepseek_v3_671b.yaml")
 
 CPU = Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False, device_name="cpu")
 A100 = Hardware(has_cuda=True, fp8_capable=False, has_transformer_engine=True, device_name="NVIDIA A100")
@@ -91,24 +99,19 @@ def test_shipped_model_config_loads_through_base(tmp_path, monkeypatch, name):
     assert cfg.parallel.tp == 1 and cfg.model == load_config(os.path.join(MODELS, f"{name}.yaml")).model
 
 
-def test_relative_and_chained_bases_merge_deeply(tmp_path):
+def test_relative_chained_and_shared_bases_merge_deeply(tmp_path):
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "m.yaml").write_text("model: {num_layers: 8, hidden_size: 32}\n")
-    (tmp_path / "par.yaml").write_text("parallel: {tp: 2, sequence_parallel: true}\n")
+    (tmp_path / "common.yaml").write_text("model: {vocab_size: 256}\nrun: {dir: runs/common}\n")
+    (tmp_path / "models" / "m.yaml").write_text("base: ../common.yaml\nmodel: {num_layers: 8, hidden_size: 32}\n")
+    (tmp_path / "par.yaml").write_text("base: common.yaml\nparallel: {tp: 2, sequence_parallel: true}\n")
+    # mid reaches common.yaml twice (through m.yaml and par.yaml): shared, not a loop.
     (tmp_path / "mid.yaml").write_text("base: [models/m.yaml, par.yaml]\nmodel: {num_layers: 6}\n")
     (tmp_path / "run.yaml").write_text("base: mid.yaml\nparallel: {pp: 2}\n")
     cfg = load_config(str(tmp_path / "run.yaml"))
     assert (cfg.model.num_layers, cfg.model.hidden_size) == (6, 32)  # later file wins, key by key
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel) == (2, 2, True)
-    assert cfg.model.vocab_size == ModelConfig().vocab_size  # untouched keys keep defaults
-
-
-def test_missing_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        load_config(str(tmp_path / "nope.yaml"))
-    (tmp_path / "run.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(ConfigError, match="missing.yaml: not found"):
-        load_config(str(tmp_path / "run.yaml"))
+    assert (cfg.model.vocab_size, cfg.run.dir) == (256, "runs/common")
+    assert cfg.model.seq_length == ModelConfig().seq_length  # untouched keys keep defaults
 
 
 def test_set_overrides_are_typed(tiny):
@@ -146,125 +149,172 @@ def test_set_mapping_value(tiny):
     assert (cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp) == (2, 2, 1)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("parallel.tp=two", "parallel.tp='two': expected int"),
-    ("parallel.tp=2.5", "parallel.tp=2.5: expected an integer"),
-    ("parallel.tp=.inf", "parallel.tp=inf: expected int"),
-    ("parallel.tp=true", "parallel.tp=True: expected a number"),
-    ("train.optimizer.lr=fast", "train.optimizer.lr='fast': expected float"),
-    ("logging.tensorboard=maybe", "logging.tensorboard='maybe': expected true or false"),
-    ("train=3", "train: expected a mapping"),
-    ("run.dir=", "run.dir=None: expected a string"),
-    ("parallel.tp", "expected dotted.key=value"),
-])
-def test_set_bad_values_name_the_key(tiny, override, message):
-    with pytest.raises(ConfigError) as err:
-        load_config(tiny, [override])
-    assert message in str(err.value) and "\n" not in str(err.value)
+# --------------------------------------------------------------------------- bad configs
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.num_expert=4", "model.num_expert"),
-    ("train.optimizer.lrr=1", "train.optimizer.lrr"),
-    ("modle.num_layers=2", "modle"),
-])
-def test_unknown_keys_from_set_are_named(tiny, override, key):
-    with pytest.raises(ConfigError) as err:
-        load_config(tiny, [override])
-    assert str(err.value).startswith(f"{key}: unknown key")
+def known(cls) -> str:
+    """The key list an unknown-key message offers for a config section."""
+    return ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
 
 
-def test_unknown_keys_from_yaml_are_named(tmp_path):
-    path = run_yaml(tmp_path, "tiny", "train:\n  optimizer: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value).startswith("train.optimizer.betas: unknown key (known: ")
-    assert "adam_beta1" in str(err.value)  # the message lists the keys that do exist
+def bad(id, line, overrides=(), world=1, hardware=CPU, config="run.yaml", files=None):
+    """A bad config: `config` (after writing `files`, paths relative to the working folder)
+    with `overrides`, validated for `world` ranks on `hardware`, is refused with `line`."""
+    return pytest.param(config, files or {}, list(overrides), world, hardware, line, id=id)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tok.model"
-    path.write_bytes(b"not a real sentencepiece model; validation only checks that it exists")
-    return str(path)
-
-
-BAD = [  # id, overrides, world size, hardware, the whole line's start "key=value: "
-    ("heads % tp", ["parallel.tp=8", "parallel.sequence_parallel=true"], 8, CPU,
-     "model.num_attention_heads=4: must be divisible by parallel.tp=8"),
-    ("experts % ep", ["model.num_experts=6", "parallel.ep=4"], 4, CPU,
-     "model.num_experts=6: must be divisible by parallel.ep=4"),
-    ("layers % pp*vpp", ["parallel.pp=2", "parallel.vpp=4"], 2, CPU,
-     "model.num_layers=4: must be divisible by parallel.pp*parallel.vpp=8"),
-    ("world % tp*pp", ["parallel.pp=2"], 3, CPU,
-     "parallel.tp*parallel.pp=2: must divide the world size 3"),
-    ("gbs % mbs*dp", ["train.global_batch_size=6", "train.micro_batch_size=4"], 1, CPU,
-     "train.global_batch_size=6: must be divisible by train.micro_batch_size*data_parallel=4*1=4"),
-    ("vpp without pp", ["parallel.vpp=2"], 1, CPU, "parallel.vpp=2: needs parallel.pp > 1"),
-    ("topk > experts", ["model.moe_router_topk=5"], 1, CPU,
-     "model.moe_router_topk=5: must be between 1 and model.num_experts=4"),
-    ("fp8 without TE", ["precision.fp8=delayed", "precision.dtype=bf16"], 1, H100_NO_TE,
-     "precision.fp8=delayed: needs Transformer Engine"),
-    ("fp8 on A100", ["precision.fp8=tensorwise", "precision.dtype=bf16"], 1, A100,
-     "precision.fp8=tensorwise: needs a GPU with FP8"),
-    ("unknown fp8 recipe", ["precision.fp8=e5m2"], 1, CPU, "precision.fp8=e5m2: must be null, delayed"),
-    ("moe tp without sp", ["parallel.tp=2"], 2, CPU,
-     "parallel.sequence_parallel=False: must be true for an MoE model with parallel.tp=2"),
-    ("sp with tp1", ["parallel.sequence_parallel=true"], 1, CPU,
-     "parallel.sequence_parallel=True: needs parallel.tp > 1"),
-    ("etp on cpu", ["parallel.etp=2"], 2, CPU, "parallel.etp=2: must be 1 on gloo"),
-    ("bad dtype", ["precision.dtype=fp16"], 1, CPU, "precision.dtype=fp16: must be fp32 or bf16"),
-    ("indexed without prefix", ["data.source=indexed", "data.tokenizer=TOKENIZER"], 1, CPU,
-     "data.prefix=None: is required when data.source=indexed"),
-    ("indexed prefix without files", ["data.source=indexed", "data.prefix=/nonexistent/corpus",
-                                      "data.tokenizer=TOKENIZER"], 1, CPU,
-     "data.prefix=/nonexistent/corpus: has no .bin/.idx pair"),
-    ("load not a folder", ["checkpoint.load=/nonexistent/ckpt"], 1, CPU,
-     "checkpoint.load=/nonexistent/ckpt: is not a folder"),
-    ("negative lr", ["train.optimizer.lr=-1"], 1, CPU, "train.optimizer.lr=-1.0: must be > 0"),
-    ("min_lr > lr", ["train.optimizer.min_lr=1.0"], 1, CPU,
-     "train.optimizer.min_lr=1.0: must be between 0 and train.optimizer.lr=0.003"),
-    ("group topk > groups", ["model.router_num_groups=2", "model.router_group_topk=3"], 1, CPU,
-     "model.router_group_topk=3: must be between 1 and model.router_num_groups=2"),
-    ("expert bias with softmax", ["model.router_score_function=softmax"], 1, CPU,
-     "model.router_expert_bias=True: aux-loss-free expert bias needs"),
-    ("zero ffn", ["model.moe_ffn_hidden_size=0"], 1, CPU, "model.moe_ffn_hidden_size=0: must be at least 1"),
-    ("interleaved microbatches", ["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=3"], 2, CPU,
-     "train.global_batch_size=3: gives 3 micro-batches"),
+BAD = [
+    # config files and their base chains
+    bad("config missing", "config file nope.yaml: not found", config="nope.yaml"),
+    bad("base missing", "config file missing.yaml: not found (named as base by m.yaml)",
+        config="m.yaml", files={"m.yaml": "base: missing.yaml\n"}),
+    bad("base missing two deep", "config file sub/missing.yaml: not found (named as base by sub/m.yaml)",
+        config="top.yaml", files={"top.yaml": "base: [run.yaml, sub/m.yaml]\n", "sub/m.yaml": "base: missing.yaml\n"}),
+    bad("base loops", "config file a.yaml: base chain loops: a.yaml -> b.yaml -> a.yaml",
+        config="a.yaml", files={"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}),
+    bad("base names itself", "config file self.yaml: base chain loops: self.yaml -> self.yaml",
+        config="self.yaml", files={"self.yaml": "base: self.yaml\n"}),
+    bad("base loops through a folder", "config file loop.yaml: base chain loops: loop.yaml -> sub/b.yaml -> loop.yaml",
+        config="loop.yaml", files={"loop.yaml": "base: [run.yaml, sub/b.yaml]\n", "sub/b.yaml": "base: ../loop.yaml\n"}),
+    bad("base not a name", "config file n.yaml: base=3: must be a file name or a list of file names",
+        config="n.yaml", files={"n.yaml": "base: 3\n"}),
+    bad("file not yaml", "config file y.yaml: not valid YAML at line 2, column 1: expected ',' or '}', but got '<stream end>'",
+        config="y.yaml", files={"y.yaml": "model: {num_layers: 2\n"}),
+    bad("file not a mapping", "config file l.yaml: top level must be a mapping", config="l.yaml", files={"l.yaml": "- 1\n"}),
+    # --set values and keys
+    bad("set without =", "--set 'parallel.tp': expected dotted.key=value", ["parallel.tp"]),
+    bad("set not yaml", "parallel.tp='[1,': not valid YAML at line 1, column 4: expected the node content, "
+        "but found '<stream end>'", ["parallel.tp=[1,"]),
+    bad("set into a value", "run.dir.x: dir is not a section", ["run.dir.x=1"]),
+    bad("int from a word", "parallel.tp='two': expected int", ["parallel.tp=two"]),
+    bad("int from a fraction", "parallel.tp=2.5: expected an integer", ["parallel.tp=2.5"]),
+    bad("int from inf", "parallel.tp=inf: expected int", ["parallel.tp=.inf"]),
+    bad("int from a bool", "parallel.tp=True: expected a number", ["parallel.tp=true"]),
+    bad("float from a word", "train.optimizer.lr='fast': expected float", ["train.optimizer.lr=fast"]),
+    bad("bool from a word", "logging.tensorboard='maybe': expected true or false", ["logging.tensorboard=maybe"]),
+    bad("section from a number", "train: expected a mapping, got 3", ["train=3"]),
+    bad("string from nothing", "run.dir=None: expected a string", ["run.dir="]),
+    bad("unknown model key", f"model.num_expert: unknown key (known: {known(ModelConfig)})", ["model.num_expert=4"]),
+    bad("unknown nested key", f"train.optimizer.lrr: unknown key (known: {known(OptimizerConfig)})",
+        ["train.optimizer.lrr=1"]),
+    bad("unknown section", f"modle: unknown key (known: {known(Config)})", ["modle.num_layers=2"]),
+    bad("unknown key in yaml", f"train.optimizer.betas: unknown key (known: {known(OptimizerConfig)})",
+        config="b.yaml", files={"b.yaml": "base: run.yaml\ntrain:\n  optimizer: {lr: 1.0e-3, betas: [0.9, 0.95]}\n"}),
+    bad("unknown key in yaml section", f"logging.every: unknown key (known: {known(LoggingConfig)})",
+        config="b.yaml", files={"b.yaml": "base: run.yaml\nlogging: {every: 2}\n"}),
+    # model against layout
+    bad("heads % tp", "model.num_attention_heads=4: must be divisible by parallel.tp=8",
+        ["parallel.tp=8", "parallel.sequence_parallel=true"], world=8),
+    bad("vocab % tp", "model.vocab_size=511: must be divisible by parallel.tp=2",
+        ["model.vocab_size=511", "parallel.tp=2", "parallel.sequence_parallel=true"], world=2),
+    bad("experts % ep", "model.num_experts=6: must be divisible by parallel.ep=4",
+        ["model.num_experts=6", "parallel.ep=4"], world=4),
+    bad("layers % pp*vpp", "model.num_layers=4: must be divisible by parallel.pp*parallel.vpp=8",
+        ["parallel.pp=2", "parallel.vpp=4"], world=2),
+    bad("v3 over pp16", "model.num_layers=61: must be divisible by parallel.pp*parallel.vpp=16",
+        ["parallel.pp=16", "parallel.ep=64", "train.micro_batch_size=1", "train.global_batch_size=2048"],
+        world=2048, hardware=H100, config=V3),
+    bad("world % tp*pp", "parallel.tp*parallel.pp=2: must divide the world size 3", ["parallel.pp=2"], world=3),
+    bad("gbs % mbs*dp", "train.global_batch_size=6: must be divisible by train.micro_batch_size*data_parallel=4*1=4",
+        ["train.global_batch_size=6", "train.micro_batch_size=4"]),
+    bad("interleaved microbatches", "train.global_batch_size=3: gives 3 micro-batches, which the interleaved "
+        "schedule needs divisible by parallel.pp=2", ["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=3"],
+        world=2),
+    bad("vpp without pp", "parallel.vpp=2: needs parallel.pp > 1", ["parallel.vpp=2"]),
+    bad("moe tp without sp", "parallel.sequence_parallel=False: must be true for an MoE model with parallel.tp=2 > 1 "
+        "(megatron-core rule)", ["parallel.tp=2"], world=2),
+    bad("sp with tp1", "parallel.sequence_parallel=True: needs parallel.tp > 1", ["parallel.sequence_parallel=true"]),
+    bad("etp on cpu", "parallel.etp=2: must be 1 on gloo (CPU): gloo has no uneven all_gather, which expert TP needs",
+        ["parallel.etp=2"], world=2),
+    # model
+    bad("topk > experts", "model.moe_router_topk=5: must be between 1 and model.num_experts=4",
+        ["model.moe_router_topk=5"]),
+    bad("group topk > groups", "model.router_group_topk=3: must be between 1 and model.router_num_groups=2",
+        ["model.router_num_groups=2", "model.router_group_topk=3"]),
+    bad("expert bias with softmax", "model.router_expert_bias=True: aux-loss-free expert bias needs "
+        "model.router_score_function=sigmoid", ["model.router_score_function=softmax"]),
+    bad("zero ffn", "model.moe_ffn_hidden_size=0: must be at least 1", ["model.moe_ffn_hidden_size=0"]),
+    # precision and hardware
+    bad("bad dtype", "precision.dtype=fp16: must be fp32 or bf16", ["precision.dtype=fp16"]),
+    bad("unknown fp8 recipe", "precision.fp8=e5m2: must be null, delayed, tensorwise or blockwise",
+        ["precision.fp8=e5m2"]),
+    bad("fp8 without TE", "precision.fp8=delayed: needs Transformer Engine, which is not installed",
+        ["precision.fp8=delayed", "precision.dtype=bf16"], hardware=H100_NO_TE),
+    bad("fp8 on A100", "precision.fp8=tensorwise: needs a GPU with FP8 (Hopper/Ada, compute capability >= 8.9); "
+        "this is NVIDIA A100", ["precision.fp8=tensorwise", "precision.dtype=bf16"], hardware=A100),
+    # optimizer, data, checkpoint (tok.model, corpus.bin and corpus.idx exist, see `workdir`)
+    bad("negative lr", "train.optimizer.lr=-1.0: must be > 0", ["train.optimizer.lr=-1"]),
+    bad("min_lr > lr", "train.optimizer.min_lr=1.0: must be between 0 and train.optimizer.lr=0.003",
+        ["train.optimizer.min_lr=1.0"]),
+    bad("indexed without prefix", "data.prefix=None: is required when data.source=indexed",
+        ["data.source=indexed", "data.tokenizer=tok.model"]),
+    bad("indexed prefix without files", "data.prefix=/nonexistent/corpus: has no .bin/.idx pair "
+        "(make one with tools/prepare_data.py)",
+        ["data.source=indexed", "data.prefix=/nonexistent/corpus", "data.tokenizer=tok.model"]),
+    bad("indexed without tokenizer", "data.tokenizer=None: must name an existing sentencepiece .model when "
+        "data.source=indexed", ["data.source=indexed", "data.prefix=corpus"]),
+    bad("load not a folder", "checkpoint.load=/nonexistent/ckpt: is not a folder", ["checkpoint.load=/nonexistent/ckpt"]),
 ]
 
 
-@pytest.mark.parametrize("overrides,world,hardware,line", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_invalid_config_is_one_line(tiny, tokenizer_file, overrides, world, hardware, line):
-    overrides = [o.replace("TOKENIZER", tokenizer_file) for o in overrides]
-    cfg = load_config(tiny, overrides)
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working folder holding run.yaml (the tiny model, a valid run) and the files an
+    indexed data source names; relative paths in BAD resolve here, so messages are exact."""
+    monkeypatch.chdir(tmp_path)
+    run_yaml(tmp_path, "tiny", TINY_RUN)
+    for name in ("tok.model", "corpus.bin", "corpus.idx"):  # validation only checks they exist
+        (tmp_path / name).write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize("config,files,overrides,world,hardware,line", BAD)
+def test_bad_config_is_refused_in_one_exact_line(workdir, config, files, overrides, world, hardware, line):
+    for name, text in files.items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_text(text)
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world, hardware)
-    message = str(err.value)
-    assert "\n" not in message and len(err.value.problems) == 1, message
-    assert message.startswith(line), message
-    key, value = line.split(":", 1)[0].split("=", 1)
-    assert key in message and value in message
-
-
-def test_fp8_on_a100_names_the_gpu(tiny):
-    cfg = load_config(tiny, ["precision.fp8=blockwise", "precision.dtype=bf16"])
-    with pytest.raises(ConfigError, match="this is NVIDIA A100$"):
-        validate(cfg, 1, A100)
-    validate(cfg, 1, H100)  # the same config is fine where FP8 and TE exist
+        validate(load_config(config, overrides), world, hardware)
+    assert err.value.problems == [line]
 
 
 def test_several_violations_give_one_line_each(tiny):
     cfg = load_config(tiny, ["precision.dtype=fp16", "train.optimizer.lr=-1", "parallel.vpp=2"])
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1, CPU)
-    assert len(err.value.problems) == 3 and len(str(err.value).splitlines()) == 3
+    assert str(err.value).splitlines() == [
+        "parallel.vpp=2: needs parallel.pp > 1",
+        "precision.dtype=fp16: must be fp32 or bf16",
+        "train.optimizer.lr=-1.0: must be > 0",
+    ]
+    # FP8 on a CPU breaks both hardware rules; the same config is fine where FP8 and TE exist.
+    cfg = load_config(tiny, ["precision.fp8=blockwise", "precision.dtype=bf16"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1, CPU)
+    assert err.value.problems == [
+        "precision.fp8=blockwise: needs Transformer Engine, which is not installed",
+        "precision.fp8=blockwise: needs a GPU with FP8 (Hopper/Ada, compute capability >= 8.9); this is cpu",
+    ]
+    validate(cfg, 1, H100)
 
 
-LAYOUTS = [  # (overrides, world size); the tiny model under the CPU test layouts
+def test_launcher_stops_before_any_process_group():
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config", QUICKSTART, "--set", "parallel.tp=3"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})  # megatron-core's import warnings
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [  # one line a violation, nothing else (no traceback)
+        "config error: model.vocab_size=512: must be divisible by parallel.tp=3",
+        "config error: model.num_attention_heads=4: must be divisible by parallel.tp=3",
+        "config error: parallel.sequence_parallel=False: must be true for an MoE model with parallel.tp=3 > 1 "
+        "(megatron-core rule)",
+        "config error: parallel.tp*parallel.pp=3: must divide the world size 1",
+    ]
+
+
+# --------------------------------------------------------------------------- good configs
+
+LAYOUTS = [  # (overrides, world size); the quickstart (tiny model) under the CPU test layouts
     ([], 1),
     (["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     (["parallel.pp=2"], 2),
@@ -279,24 +329,26 @@ LAYOUTS = [  # (overrides, world size); the tiny model under the CPU test layout
 
 
 @pytest.mark.parametrize("overrides,world", LAYOUTS, ids=[f"{'+'.join(o) or 'default'}@{w}" for o, w in LAYOUTS])
-def test_tiny_fits_test_layouts(tiny, overrides, world):
-    validate(load_config(tiny, overrides), world, CPU)
+def test_quickstart_fits_test_layouts(overrides, world):
+    validate(load_config(QUICKSTART, overrides), world, CPU)
 
 
-def test_shipped_large_models_validate_under_production_layouts(tmp_path):
-    v3 = run_yaml(tmp_path, "deepseek_v3_671b", "", name="v3.yaml")
-    validate(load_config(v3, [
-        "parallel.tp=8", "parallel.sequence_parallel=true", "parallel.ep=64",
-        "precision.dtype=bf16", "precision.fp8=blockwise",
-        "train.micro_batch_size=1", "train.global_batch_size=2048",
-    ]), 512, H100)
-    # 61 layers only split over a prime number of stages: pp=2 is refused, in one line.
-    with pytest.raises(ConfigError) as err:
-        validate(load_config(v3, ["parallel.pp=2", "train.micro_batch_size=1", "train.global_batch_size=64"]), 2, H100)
-    assert str(err.value) == "model.num_layers=61: must be divisible by parallel.pp*parallel.vpp=2"
-    lite = run_yaml(tmp_path, "deepseek_v2_lite_16b", "", name="lite.yaml")
-    validate(load_config(lite, ["parallel.ep=8", "precision.dtype=bf16", "train.micro_batch_size=1",
-                                "train.global_batch_size=64"]), 8, H100)
+PRODUCTION = [  # (model, overrides, world size) on H100s with TE
+    ("deepseek_v3_671b", ["parallel.tp=8", "parallel.sequence_parallel=true", "parallel.ep=64",
+                          "precision.dtype=bf16", "precision.fp8=blockwise",
+                          "train.micro_batch_size=1", "train.global_batch_size=2048"], 512),
+    ("deepseek_v3_671b", ["parallel.ep=64", "precision.dtype=bf16", "train.micro_batch_size=1",
+                          "train.global_batch_size=2048"], 2048),
+    ("deepseek_v2_lite_16b", ["parallel.ep=8", "precision.dtype=bf16", "train.micro_batch_size=1",
+                              "train.global_batch_size=64"], 8),
+    ("deepseek_v2_lite_16b", ["parallel.tp=2", "parallel.ep=8", "parallel.sequence_parallel=true",
+                              "precision.dtype=bf16", "train.micro_batch_size=1", "train.global_batch_size=16"], 16),
+]
+
+
+@pytest.mark.parametrize("name,overrides,world", PRODUCTION)
+def test_shipped_large_models_validate_under_production_layouts(tmp_path, name, overrides, world):
+    validate(load_config(run_yaml(tmp_path, name), overrides), world, H100)
 
 
 # --------------------------------------------------------------------------- parameter counts

@@ -380,6 +380,8 @@ def transformer_config_overrides(hardware: Hardware) -> dict:
         # gloo matches p2p messages by (peer, tag) in posting order; with PP2 + VPP a rank's
         # previous and next stage are the same rank, and the batched exchange
         # (pipeline_parallel/p2p_communication.py `_batched_p2p_ops`) posts the activation
-        # and the gradient to it in an order the peer does not receive them in.
+        # and the gradient to it in an order the peer does not receive them in: each rank
+        # gets the peer's gradient as its input activation and vice versa. The unbatched
+        # `_p2p_ops` orders them by rank parity. Probe: tests/compat_probes.py batch_p2p_comm.
         overrides.update(use_cpu_initialization=True, batch_p2p_comm=False)
     return overrides
