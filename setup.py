@@ -12,13 +12,18 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        "pillow",  # the PyTorch media loader decodes images
         "psutil",  # megatron-core dist_checkpointing writer workers need it
         "pyyaml",
+        "scipy",  # audio resampling in the PyTorch media loader
         "sentencepiece",
+        "soundfile",  # WAV/FLAC decoding in the PyTorch media loader
         "tensorboard",
+        "webdataset",  # multimodal shards
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
-        "dev": ["pytest", "pytest-timeout"],
+        # DALI's CPU pipelines run the media-loader tests on machines without a GPU.
+        "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120"],
     },
 )
