@@ -12,9 +12,10 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
-        "pillow",  # demo images, image checks when building shards
+        "pillow",  # demo images; image checks in build_shards; the PyTorch media loader
         "psutil",  # megatron-core dist_checkpointing writer workers need it
         "pyyaml",
+        "scipy",  # audio resampling in the PyTorch media loader
         "sentencepiece",
         "soundfile",  # WAV/FLAC read and write (bundles libsndfile)
         "tensorboard",
@@ -22,6 +23,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
-        "dev": ["pytest", "pytest-timeout"],
+        # DALI's CPU pipelines run the media-loader tests on machines without a GPU.
+        "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120"],
     },
 )
