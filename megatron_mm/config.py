@@ -124,12 +124,18 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     # synthetic: random tokens (benchmarks); corpus: the built-in generated text corpus;
-    # indexed: megatron .bin/.idx files at `prefix` made by tools/prepare_data.py.
+    # indexed: megatron .bin/.idx files at `prefix` made by tools/prepare_data.py;
+    # demo: the built-in procedural image/audio caption set (multimodal quickstart);
+    # shards: WebDataset shards at `shards` (tools/build_shards.py) with `tokenizer`.
     source: str = "corpus"
     prefix: Optional[str] = None  # indexed dataset path prefix (without .bin/.idx)
     tokenizer: Optional[str] = None  # sentencepiece .model (indexed source)
     cache_dir: str = "~/.cache/megatron_mm"  # where the corpus source builds its data
     corpus_documents: int = 4000
+    shards: Optional[str] = None  # folder or glob of .tar shards (source=shards)
+    loader: str = "dali"  # dali (GPU decode where there is a GPU) or torch (PyTorch + Pillow)
+    loader_threads: int = 2
+    demo_samples: int = 2000  # train samples of the demo set (held-out: a tenth)
     split: str = "98,2,0"  # train, valid, test
 
 
@@ -320,6 +326,8 @@ class Hardware:
 
 
 FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
+DATA_SOURCES = ("synthetic", "corpus", "indexed", "demo", "shards")
+MULTIMODAL_SOURCES = ("demo", "shards")
 
 
 def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
@@ -443,8 +451,14 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
 
     # Data, checkpoints, logging.
     d = cfg.data
-    rule(d.source in ("synthetic", "corpus", "indexed"), "data.source", d.source,
-         "must be synthetic, corpus or indexed")
+    rule(d.source in DATA_SOURCES, "data.source", d.source, f"must be one of {', '.join(DATA_SOURCES)}")
+    rule(d.loader in ("dali", "torch"), "data.loader", d.loader, "must be dali or torch")
+    if d.source == "shards":
+        rule(bool(d.shards), "data.shards", d.shards, "is required when data.source=shards")
+        rule(bool(d.tokenizer) and os.path.exists(d.tokenizer or ""), "data.tokenizer", d.tokenizer,
+             "must name an existing sentencepiece .model with the multimodal pieces when data.source=shards")
+    if d.source == "demo":
+        rule(d.demo_samples >= 10, "data.demo_samples", d.demo_samples, "must be at least 10")
     if d.source == "indexed":
         rule(bool(d.prefix), "data.prefix", d.prefix, "is required when data.source=indexed")
         if d.prefix:

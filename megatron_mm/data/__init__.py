@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 from torch.utils.data import Dataset
 
 from megatron_mm.config import Config
+from megatron_mm.data.cache import build_once
 from megatron_mm.data.batches import GlobalBatchSampler, microbatch_iterator
 from megatron_mm.data.corpus import CORPUS_VERSION, generate_corpus
 from megatron_mm.data.indexed import build_gpt_datasets, write_indexed_dataset
@@ -60,21 +59,14 @@ def prepare_corpus(cfg: Config) -> tuple[str, str]:
     paths = os.path.join(final, "corpus"), os.path.join(final, "tokenizer.model")
     if os.path.isdir(final):
         return paths
-    root = os.path.dirname(final)
-    os.makedirs(root, exist_ok=True)
     print(f"data: building the corpus ({cfg.data.corpus_documents} documents, "
           f"vocab {cfg.model.vocab_size}) in {final}", flush=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-", dir=root)
-    try:
-        documents, tokens, vocab = _build_corpus(tmp, cfg.data.corpus_documents, cfg.model.vocab_size)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user
-        os.rename(tmp, final)
+
+    def build(folder: str) -> None:
+        documents, tokens, vocab = _build_corpus(folder, cfg.data.corpus_documents, cfg.model.vocab_size)
         print(f"data: corpus ready: {documents} documents, {tokens} tokens, vocab {vocab}", flush=True)
-    except OSError:
-        if not os.path.isdir(final):  # a real failure, not a lost rename race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(final, build)
     return paths
 
 

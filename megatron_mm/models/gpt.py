@@ -92,7 +92,8 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
     return MLATransformerConfig(**kwargs)
 
 
-def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_engine: bool) -> list[GPTModel]:
+def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_engine: bool,
+                       placeholder_ids: Optional[dict[str, int]] = None) -> list[GPTModel]:
     """This rank's model: one GPTModel per virtual pipeline stage (one without VPP)."""
     backend = backend_for(use_transformer_engine)
     vpp = tc.virtual_pipeline_model_parallel_size or 1

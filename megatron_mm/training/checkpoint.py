@@ -91,7 +91,10 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) ->
     return state
 
 
-def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config) -> str:
+def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
+         data_state: Optional[dict] = None) -> str:
+    """Write iteration `iteration`; `data_state` (the same on every rank, e.g. the multimodal
+    streams' positions) goes into the common state and comes back from `load`."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
     rank0 = torch.distributed.get_rank() == 0
@@ -108,6 +111,7 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config) -
         scheduler=scheduler.state_dict(),
         config=to_dict(cfg),
         layout=layout_of(cfg, torch.distributed.get_world_size()),
+        data_state=data_state or {},
     )
     dist_checkpointing.save(state, partial, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
@@ -122,9 +126,9 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config) -
     return final
 
 
-def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Optional[str]]:
+def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Optional[str], dict]:
     """Restore model, optimizer, scheduler (and RNG when the layout is unchanged).
-    Returns (iteration, note about what was not restored or None)."""
+    Returns (iteration, note about what was not restored or None, the saved data_state)."""
     folder, iteration = resolve(path)
     common = dist_checkpointing.load_common_state_dict(folder)
     same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
@@ -159,4 +163,4 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
         runtime.restore_rng_state(loaded["rng_state"])
     else:
         note = f"layout changed from {common.get('layout')}: RNG states re-seeded, not restored"
-    return iteration, note
+    return iteration, note, common.get("data_state") or {}

@@ -24,7 +24,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from megatron_mm import data as data_lib
 from megatron_mm.config import Config, validate
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.runtime import compat
@@ -32,6 +31,7 @@ from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint
 from megatron_mm.training.flops import training_flops_per_token
 from megatron_mm.training.metrics import MetricsLogger
+from megatron_mm.training.step_data import StepData
 
 
 def log0(*args) -> None:
@@ -42,8 +42,8 @@ def log0(*args) -> None:
 # --------------------------------------------------------------------------- model and optimizer
 
 
-def build_model(cfg: Config, tc, hardware) -> list[DistributedDataParallel]:
-    chunks = build_model_chunks(cfg, tc, use_transformer_engine=hardware.has_transformer_engine and hardware.has_cuda)
+def build_model(cfg: Config, tc, hardware, placeholder_ids: dict[str, int]) -> list[DistributedDataParallel]:
+    chunks = build_model_chunks(cfg, tc, hardware.has_transformer_engine and hardware.has_cuda, placeholder_ids)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -104,7 +104,8 @@ def forward_step(device, data_iterator, model):
     labels = batch["labels"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     position_ids = batch["position_ids"].to(device)
-    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+    media = {k: batch[k].to(device) for k in ("images", "mels") if batch.get(k) is not None}
+    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask, **media)
     return output, partial(loss_func, loss_mask)
 
 
@@ -221,15 +222,12 @@ def _train(cfg: Config, env, hardware, device) -> dict:
          f"tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} etp={p.etp} dp={dp}; "
          f"{num_microbatches} micro-batch(es) of {t.micro_batch_size} per step; workarounds: {', '.join(applied) or 'none'}")
 
-    # Data (corpus/tokenizer built once per node, then read by every rank).
-    if env.local_rank == 0:
-        data_lib.prepare(cfg)
-    torch.distributed.barrier()
-    train_ds, _, _ = data_lib.build_datasets(cfg, *data_lib.prepare(cfg))
+    # Data (files built once per node, then read by every rank).
+    data = StepData(cfg, env, device, log=log0)
 
     # Model, optimizer, schedule.
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
-    model = build_model(cfg, tc, hardware)
+    model = build_model(cfg, tc, hardware, data.placeholder_ids)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
     loads = ExpertLoadTracker(
         model, cfg.model.num_layers + cfg.model.mtp_num_layers, cfg.model.num_experts or 0, device
@@ -241,13 +239,14 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     log0(f"model: {count_parameters(model):,} parameters on rank 0")
 
     # Resume.
-    start = 0
+    start, data_state = 0, {}
     if cfg.checkpoint.load:
-        start, note = checkpoint.load(cfg.checkpoint.load, model, optimizer, scheduler, cfg)
+        start, note, data_state = checkpoint.load(cfg.checkpoint.load, model, optimizer, scheduler, cfg)
         log0(f"resumed from {cfg.checkpoint.load} at step {start}" + (f" ({note})" if note else ""))
+    data.start(data_state)
     ckpt_root = cfg.checkpoint_dir
     if t.steps == 0 or start >= t.steps:
-        path = checkpoint.save(ckpt_root, start, model, optimizer, scheduler, cfg)
+        path = checkpoint.save(ckpt_root, start, model, optimizer, scheduler, cfg, data.state())
         log0(f"nothing to train (steps={t.steps}, start={start}); checkpoint at {path}")
         return {}
 
@@ -256,15 +255,11 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     forward_backward = get_forward_backward_func()
     flops_per_token = training_flops_per_token(cfg.model)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
-    dp_rank = parallel_state.get_data_parallel_rank()
     last: dict = {}
     saved_at = start
     for step in range(start + 1, t.steps + 1):
         started = time.perf_counter()
-        iterators = [
-            data_lib.microbatch_iterator(train_ds, step, dp_rank, dp, t.micro_batch_size, t.global_batch_size)
-            for _ in model
-        ]
+        iterators = data.iterators(step, num_microbatches, len(model))
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -300,6 +295,9 @@ def _train(cfg: Config, env, hardware, device) -> dict:
                 step_time_s=step_time,
                 peak_memory_gib=float(peak.item()),
             )
+            skipped = data.skipped()
+            if skipped is not None:
+                metrics["data_skipped"] = skipped
             last = metrics
             if logger:
                 logger.log(step, metrics)
@@ -308,7 +306,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or (
             stopping and cfg.checkpoint.save_on_sigterm
         ):
-            path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler, cfg)
+            path = checkpoint.save(ckpt_root, step, model, optimizer, scheduler, cfg, data.state())
             saved_at = step
             log0(f"saved checkpoint {path}")
         if stopping:
@@ -316,7 +314,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             break
     else:
         if saved_at != t.steps and cfg.checkpoint.save_at_end:
-            path = checkpoint.save(ckpt_root, t.steps, model, optimizer, scheduler, cfg)
+            path = checkpoint.save(ckpt_root, t.steps, model, optimizer, scheduler, cfg, data.state())
             log0(f"saved checkpoint {path}")
     if logger:
         logger.close()

@@ -173,6 +173,11 @@ class SequencePacker:
         self._used += len(sample)
         return done
 
+    @property
+    def open_refs(self) -> list[Any]:
+        """Refs of the samples in the sequence still being filled."""
+        return [ref for ref, _ in self._items]
+
     def flush(self) -> list[PackedSequence]:
         if not self._items:
             return []
