@@ -25,6 +25,52 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class VisionConfig:
+    """SigLIP-style ViT on pipeline stage 0 and its projector into the LLM hidden size."""
+
+    image_size: int = 32  # images are resized to image_size x image_size
+    patch_size: int = 8
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 128
+    projector: str = "mlp"  # mlp: one LLM token per patch; resampler: `resampler_tokens` learned queries
+    resampler_tokens: int = 8
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM positions one image occupies."""
+        return self.resampler_tokens if self.projector == "resampler" else self.num_patches
+
+
+@dataclass
+class AudioConfig:
+    """Whisper-style encoder over log-mel frames on pipeline stage 0, and its projector."""
+
+    num_mel_bins: int = 80
+    max_frames: int = 100  # 10 ms frames: 100 = 1 s of 16 kHz audio
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 128
+    pool: int = 4  # average-pool the encoder's frames by this factor before projecting
+
+    @property
+    def num_frames(self) -> int:
+        """Frames after the stride-2 convolution."""
+        return (self.max_frames - 1) // 2 + 1
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM positions one clip occupies."""
+        return self.num_frames // self.pool
+
+
+@dataclass
 class ModelConfig:
     """DeepSeek-V3-style decoder: MLA attention, MoE with shared experts, optional MTP."""
 
@@ -69,6 +115,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     init_method_std: float = 0.02
     share_embeddings_and_output_weights: bool = False
+    # Encoders (None: text only). They live on pipeline stage 0.
+    vision: Optional[VisionConfig] = None
+    audio: Optional[AudioConfig] = None
 
     @property
     def is_moe(self) -> bool:
@@ -112,6 +161,16 @@ class SchedulerConfig:
 
 
 @dataclass
+class FreezeConfig:
+    """Parts left out of training (LLaVA-style stage 1: only the projectors learn)."""
+
+    vision_encoder: bool = False
+    audio_encoder: bool = False
+    projectors: bool = False
+    language_model: bool = False
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -119,6 +178,7 @@ class TrainConfig:
     seed: int = 1234
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
 @dataclass
@@ -393,6 +453,43 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(p.ep == 1, "parallel.ep", p.ep, "must be 1 for a dense model (model.num_experts unset)")
     rule(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel",
          p.sequence_parallel, "needs parallel.tp > 1")
+
+    # Encoders.
+    encoders = {"model.vision": m.vision, "model.audio": m.audio}
+    for prefix, enc in encoders.items():
+        if enc is None:
+            continue
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            rule(getattr(enc, name) >= 1, f"{prefix}.{name}", getattr(enc, name), "must be at least 1")
+        if enc.num_attention_heads >= 1:
+            rule(enc.hidden_size % enc.num_attention_heads == 0, f"{prefix}.hidden_size", enc.hidden_size,
+                 f"must be divisible by {prefix}.num_attention_heads={enc.num_attention_heads}")
+            rule(enc.num_attention_heads % p.tp == 0, f"{prefix}.num_attention_heads", enc.num_attention_heads,
+                 f"must be divisible by parallel.tp={p.tp}")
+        rule(enc.ffn_hidden_size % p.tp == 0, f"{prefix}.ffn_hidden_size", enc.ffn_hidden_size,
+             f"must be divisible by parallel.tp={p.tp}")
+    vis, aud = m.vision, m.audio
+    if vis is not None:
+        rule(vis.patch_size >= 1 and vis.image_size >= vis.patch_size and vis.image_size % vis.patch_size == 0,
+             "model.vision.image_size", vis.image_size,
+             f"must be a multiple of model.vision.patch_size={vis.patch_size}")
+        rule(vis.projector in ("mlp", "resampler"), "model.vision.projector", vis.projector,
+             "must be mlp or resampler")
+        rule(vis.resampler_tokens >= 1, "model.vision.resampler_tokens", vis.resampler_tokens, "must be at least 1")
+    if aud is not None:
+        rule(aud.num_mel_bins >= 1, "model.audio.num_mel_bins", aud.num_mel_bins, "must be at least 1")
+        rule(aud.pool >= 1 and aud.max_frames >= 1 and aud.num_tokens >= 1, "model.audio.max_frames", aud.max_frames,
+             f"leaves no audio token after the stride-2 convolution and pooling by model.audio.pool={aud.pool}")
+    mm_source = cfg.data.source in MULTIMODAL_SOURCES
+    rule(not mm_source or vis is not None or aud is not None, "data.source", cfg.data.source,
+         "is multimodal: set model.vision and/or model.audio")
+    rule(cfg.data.source != "demo" or (vis is not None and aud is not None), "data.source", cfg.data.source,
+         "the demo set has images and audio: set both model.vision and model.audio")
+    rule(mm_source or (vis is None and aud is None), "model.vision/model.audio", "set",
+         f"need a multimodal data.source ({' or '.join(MULTIMODAL_SOURCES)}), not {cfg.data.source}")
+    f = t.freeze
+    rule(not (f.language_model and f.projectors and (vis is None or f.vision_encoder)
+              and (aud is None or f.audio_encoder)), "train.freeze", "everything", "leaves nothing to train")
 
     # Layout against the world.
     model_parallel = p.tp * p.pp

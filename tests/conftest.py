@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart_text.yaml")
 
 
 def free_port() -> int:

@@ -329,8 +329,9 @@ LAYOUTS = [  # (overrides, world size); the quickstart (tiny model) under the CP
 
 
 @pytest.mark.parametrize("overrides,world", LAYOUTS, ids=[f"{'+'.join(o) or 'default'}@{w}" for o, w in LAYOUTS])
-def test_quickstart_fits_test_layouts(overrides, world):
-    validate(load_config(QUICKSTART, overrides), world, CPU)
+@pytest.mark.parametrize("config", ["quickstart.yaml", "quickstart_text.yaml"])
+def test_quickstarts_fit_test_layouts(config, overrides, world):
+    validate(load_config(os.path.join(ROOT, "configs", config), overrides), world, CPU)
 
 
 PRODUCTION = [  # (model, overrides, world size) on H100s with TE

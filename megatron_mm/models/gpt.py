@@ -11,6 +11,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_mm.config import Config
+from megatron_mm.models.encoders import build_encoders
+from megatron_mm.models.multimodal import MultimodalGPTModel, freeze
 from megatron_mm.models.specs import backend_for, decoder_block_spec, mtp_block_spec
 
 
@@ -97,24 +99,31 @@ def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_en
     """This rank's model: one GPTModel per virtual pipeline stage (one without VPP)."""
     backend = backend_for(use_transformer_engine)
     vpp = tc.virtual_pipeline_model_parallel_size or 1
+    multimodal = cfg.model.vision is not None or cfg.model.audio is not None
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if tc.virtual_pipeline_model_parallel_size else None
-        chunks.append(
-            GPTModel(
-                config=tc,
-                transformer_layer_spec=decoder_block_spec(tc, backend, vp_stage=stage),
-                vocab_size=cfg.model.vocab_size,
-                max_sequence_length=cfg.model.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-                position_embedding_type="rope",
-                rotary_base=int(cfg.model.rotary_base),
-                mtp_block_spec=mtp_block_spec(tc, backend, vp_stage=stage),
-                vp_stage=stage,
-            )
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        kwargs = dict(
+            config=tc,
+            transformer_layer_spec=decoder_block_spec(tc, backend, vp_stage=stage),
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre_process,
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            mtp_block_spec=mtp_block_spec(tc, backend, vp_stage=stage),
+            vp_stage=stage,
         )
+        if multimodal:
+            encoders = build_encoders(cfg.model, tc, backend) if pre_process else {}
+            chunk = MultimodalGPTModel(**kwargs, encoders=encoders, placeholder_ids=placeholder_ids or {})
+            freeze(chunk, cfg.train.freeze)
+        else:
+            chunk = GPTModel(**kwargs)
+        chunks.append(chunk)
     return chunks
 
 

@@ -72,3 +72,21 @@ class MultimodalGPTModel(GPTModel):
         batch_major = embeddings.transpose(0, 1)  # [b, s, h]
         batch_major = batch_major.masked_scatter(slots.unsqueeze(-1), flat)
         return batch_major.transpose(0, 1).contiguous()
+
+
+def freeze(model: MultimodalGPTModel, parts) -> list[str]:
+    """Stop gradients for the parts `parts` (a FreezeConfig) names; return their prefixes.
+    Must run before megatron's DDP wraps the model (it only tracks trainable parameters)."""
+    frozen = []
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        if top in ("vision", "audio"):
+            is_projector = ".projector." in f".{name}" or ".resampler." in f".{name}"
+            hit = parts.projectors if is_projector else (
+                parts.vision_encoder if top == "vision" else parts.audio_encoder)
+        else:
+            hit = parts.language_model
+        if hit:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen

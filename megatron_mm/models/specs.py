@@ -22,6 +22,13 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
     MLASelfAttentionSubmodules,
@@ -124,6 +131,55 @@ def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec
             pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def encoder_layer_spec(backend) -> ModuleSpec:
+    """One encoder layer (ViT / Whisper): norm → bidirectional self-attention → norm → MLP."""
+    norm = backend.layer_norm(rms_norm=True)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def encoder_block_spec(backend, num_layers: int) -> TransformerBlockSubmodules:
+    return TransformerBlockSubmodules(
+        layer_specs=[encoder_layer_spec(backend)] * num_layers, layer_norm=backend.layer_norm(rms_norm=True)
+    )
+
+
+def cross_attention_spec(backend) -> ModuleSpec:
+    """Learned queries attending to encoder features (the resampler), no mask."""
+    return ModuleSpec(
+        module=CrossAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=CrossAttentionSubmodules(
+            linear_q=backend.column_parallel_linear(),
+            linear_kv=backend.column_parallel_linear(),
+            core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(),
         ),
     )
 

@@ -127,14 +127,16 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
 
 
 def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Optional[str], dict]:
-    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged).
+    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); with
+    `optimizer=None`, the model weights alone (evaluation, conversion).
     Returns (iteration, note about what was not restored or None, the saved data_state)."""
     folder, iteration = resolve(path)
     common = dist_checkpointing.load_common_state_dict(folder)
     same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
-    with_optimizer = common.get("has_optimizer", True)
+    weights_only = optimizer is None
+    with_optimizer = common.get("has_optimizer", True) and not weights_only
     state = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optimizer)
-    if not same_layout:
+    if weights_only or not same_layout:
         state.pop("rng_state")
     try:
         # megatron-core's naming: "missing" = in the checkpoint but not asked for,
@@ -147,7 +149,9 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
             f"checkpoint.load={folder}: the checkpoint lacks {len(absent)} key(s) this model needs, "
             f"e.g. {sorted(absent)[:3]}"
         )
-    not_requested = {key for key in not_requested if key != "rng_state"}  # per layout: skipped on purpose
+    # Skipped on purpose: RNG of another layout; everything but weights when loading weights only.
+    not_requested = {key for key in not_requested
+                     if key != "rng_state" and not (weights_only and key.startswith("optimizer"))}
     if not_requested:
         raise CheckpointError(
             f"checkpoint.load={folder}: the checkpoint has {len(not_requested)} key(s) this model does "
@@ -159,7 +163,9 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     note = None
-    if same_layout:
+    if weights_only:
+        pass
+    elif same_layout:
         runtime.restore_rng_state(loaded["rng_state"])
     else:
         note = f"layout changed from {common.get('layout')}: RNG states re-seeded, not restored"

@@ -93,7 +93,7 @@ def describe_audio(label: dict) -> str:
     return f"a {label['volume']} {label['pitch']} {label['sound']}"
 
 
-def _answer(label: dict, key: Optional[str], describe: Callable[[dict], str]) -> str:
+def answer(label: dict, key: Optional[str], describe: Callable[[dict], str]) -> str:
     if key is None:
         return describe(label) + "."
     if key == "shape":
@@ -139,7 +139,7 @@ class _SplitWriter:
     def _question(self, placeholder: str, questions: list, label: dict, describe) -> dict:
         task, question, key = self.rng.choice(questions)
         return {"conversations": [{"from": "human", "value": f"{placeholder}\n{question}"},
-                                  {"from": "gpt", "value": _answer(label, key, describe)}],
+                                  {"from": "gpt", "value": answer(label, key, describe)}],
                 "task": task}
 
     def sample(self, index: int, kind: str) -> dict:
