@@ -132,6 +132,12 @@ class ParallelConfig:
     etp: int = 1
     vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule)
     sequence_parallel: bool = False
+    # Decoder layers on the first / last pipeline stage (megatron-core's
+    # num_layers_in_first/last_pipeline_stage); the other stages share the rest evenly.
+    # first_stage_layers null on a multimodal model with pp > 1: chosen to balance the
+    # encoders' cost on stage 0 (models/pipeline_split.py); otherwise null is the even split.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
 
 
 @dataclass
@@ -509,9 +515,41 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
             rule(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
                  f"gives {microbatches} micro-batches, which the interleaved schedule needs "
                  f"divisible by parallel.pp={p.pp}")
-    chunks = p.pp * (p.vpp or 1)
-    rule(m.num_layers % chunks == 0, "model.num_layers", m.num_layers,
-         f"must be divisible by parallel.pp*parallel.vpp={chunks}")
+    # Pipeline split: the rules megatron-core's TransformerConfig applies to
+    # num_layers_in_first/last_pipeline_stage (models/pipeline_split.py has the split itself).
+    L, v = m.num_layers, p.vpp if p.vpp and p.vpp >= 1 else 1
+    chunks = p.pp * v
+    uneven_fits = p.pp > 1 and L % v == 0 and L >= chunks  # some [first, middle..., last] split exists
+    given = {key: n for key, n in (("parallel.first_stage_layers", p.first_stage_layers),
+                                   ("parallel.last_stage_layers", p.last_stage_layers)) if n is not None}
+    for key, n in given.items():
+        rule(p.pp > 1, key, n, "needs parallel.pp > 1")
+        rule(n >= 1, key, n, "must be at least 1 (megatron-core rule)")
+        if p.vpp and n >= 1:
+            rule(n % v == 0, key, n, f"must be divisible by parallel.vpp={p.vpp} (megatron-core rule)")
+    auto = p.pp > 1 and p.first_stage_layers is None and (vis is not None or aud is not None)
+    if given and p.pp > 1 and all(n >= 1 and n % v == 0 for n in given.values()):
+        rest = L - sum(given.values())
+        keys, values = "+".join(given), "+".join(map(str, given.values()))
+        if auto:  # only the last stage is given; the first and the middle ones get >= vpp layers each
+            rule(rest >= (p.pp - 1) * v and rest % v == 0, keys, values,
+                 f"leaves {rest} of model.num_layers={L} for the other {p.pp - 1} stage(s): must be at least "
+                 f"{(p.pp - 1) * v}" + (f" and a multiple of parallel.vpp={p.vpp}" if p.vpp else ""))
+        elif len(given) == p.pp:  # pp=2, both given: no middle stage
+            rule(rest == 0, keys, values, f"must add up to model.num_layers={L} (parallel.pp={p.pp}: no other stage)")
+        else:
+            others = p.pp - len(given)
+            vpp_note = f" ({others} stages*parallel.vpp={p.vpp})" if p.vpp else ""
+            rule(rest >= others * v and rest % (others * v) == 0, keys, values,
+                 f"leaves {rest} of model.num_layers={L} for the other {others} stage(s): must be a positive "
+                 f"multiple of {others * v}{vpp_note} (megatron-core rule)")
+    elif not given and auto:
+        rule(uneven_fits, "model.num_layers", L,
+             f"cannot give each of parallel.pp={p.pp} stages at least {v} layer(s)"
+             + (f", a multiple of parallel.vpp={p.vpp}" if p.vpp else ""))
+    elif not given:
+        rule(L % chunks == 0, "model.num_layers", L, f"must be divisible by parallel.pp*parallel.vpp={chunks}"
+             + (" (or set parallel.first_stage_layers / parallel.last_stage_layers)" if uneven_fits else ""))
     if p.vpp is not None:
         rule(p.vpp >= 1, "parallel.vpp", p.vpp, "must be at least 1 (or null)")
         rule(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "needs parallel.pp > 1")

@@ -25,6 +25,7 @@ from megatron_mm.models.params import estimate_parameters
 
 MODELS = os.path.join(ROOT, "configs", "models")
 V3 = os.path.join(MODELS, "deepseek_v3_671b.yaml")
+MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
 
 CPU = Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False, device_name="cpu")
 A100 = Hardware(has_cuda=True, fp8_capable=False, has_transformer_engine=True, device_name="NVIDIA A100")
@@ -211,9 +212,37 @@ BAD = [
         ["model.num_experts=6", "parallel.ep=4"], world=4),
     bad("layers % pp*vpp", "model.num_layers=4: must be divisible by parallel.pp*parallel.vpp=8",
         ["parallel.pp=2", "parallel.vpp=4"], world=2),
-    bad("v3 over pp16", "model.num_layers=61: must be divisible by parallel.pp*parallel.vpp=16",
+    bad("v3 over pp16", "model.num_layers=61: must be divisible by parallel.pp*parallel.vpp=16 "
+        "(or set parallel.first_stage_layers / parallel.last_stage_layers)",
         ["parallel.pp=16", "parallel.ep=64", "train.micro_batch_size=1", "train.global_batch_size=2048"],
         world=2048, hardware=H100, config=V3),
+    # pipeline split (megatron-core's num_layers_in_first/last_pipeline_stage rules)
+    bad("first stage without pp", "parallel.first_stage_layers=1: needs parallel.pp > 1",
+        ["parallel.first_stage_layers=1"]),
+    bad("last stage empty", "parallel.last_stage_layers=0: must be at least 1 (megatron-core rule)",
+        ["parallel.pp=2", "parallel.last_stage_layers=0"], world=2),
+    bad("first stage % vpp", "parallel.first_stage_layers=1: must be divisible by parallel.vpp=2 (megatron-core rule)",
+        ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=1"], world=2),
+    bad("first+last != layers", "parallel.first_stage_layers+parallel.last_stage_layers=1+2: must add up to "
+        "model.num_layers=4 (parallel.pp=2: no other stage)",
+        ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"], world=2),
+    bad("first leaves nothing", "parallel.first_stage_layers=4: leaves 0 of model.num_layers=4 for the other 1 "
+        "stage(s): must be a positive multiple of 1 (megatron-core rule)",
+        ["parallel.pp=2", "parallel.first_stage_layers=4"], world=2),
+    bad("middle stages uneven", "parallel.first_stage_layers+parallel.last_stage_layers=1+2: leaves 5 of "
+        "model.num_layers=8 for the other 2 stage(s): must be a positive multiple of 2 (megatron-core rule)",
+        ["model.num_layers=8", "parallel.pp=4", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"],
+        world=4),
+    bad("middle stages % vpp", "parallel.first_stage_layers+parallel.last_stage_layers=2+4: leaves 6 of "
+        "model.num_layers=12 for the other 2 stage(s): must be a positive multiple of 4 (2 stages*parallel.vpp=2) "
+        "(megatron-core rule)",
+        ["model.num_layers=12", "parallel.pp=4", "parallel.vpp=2", "parallel.first_stage_layers=2",
+         "parallel.last_stage_layers=4"], world=4),
+    bad("auto split impossible", "model.num_layers=4: cannot give each of parallel.pp=4 stages at least 2 layer(s), "
+        "a multiple of parallel.vpp=2", ["parallel.pp=4", "parallel.vpp=2"], world=4, config=MULTIMODAL),
+    bad("auto split with a full last stage", "parallel.last_stage_layers=4: leaves 0 of model.num_layers=4 for the "
+        "other 1 stage(s): must be at least 1", ["parallel.pp=2", "parallel.last_stage_layers=4"], world=2,
+        config=MULTIMODAL),
     bad("world % tp*pp", "parallel.tp*parallel.pp=2: must divide the world size 3", ["parallel.pp=2"], world=3),
     bad("gbs % mbs*dp", "train.global_batch_size=6: must be divisible by train.micro_batch_size*data_parallel=4*1=4",
         ["train.global_batch_size=6", "train.micro_batch_size=4"]),
@@ -320,6 +349,8 @@ LAYOUTS = [  # (overrides, world size); the quickstart (tiny model) under the CP
     (["parallel.pp=2"], 2),
     (["parallel.ep=2"], 2),
     (["parallel.pp=2", "parallel.vpp=2"], 2),
+    (["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"], 2),
+    (["parallel.pp=4"], 4),
     (["parallel.ep=4"], 4),
     (["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
     (["parallel.pp=2", "parallel.vpp=2", "parallel.ep=2"], 4),
@@ -339,6 +370,11 @@ PRODUCTION = [  # (model, overrides, world size) on H100s with TE
                           "precision.dtype=bf16", "precision.fp8=blockwise",
                           "train.micro_batch_size=1", "train.global_batch_size=2048"], 512),
     ("deepseek_v3_671b", ["parallel.ep=64", "precision.dtype=bf16", "train.micro_batch_size=1",
+                          "train.global_batch_size=2048"], 2048),
+    # DeepSeek's PP16: 61 layers as [4, 4 x 14, 1], the split that balances the last stage's
+    # LM head + MTP module by the FLOPs estimate (tests/test_pipeline_split.py).
+    ("deepseek_v3_671b", ["parallel.pp=16", "parallel.first_stage_layers=4", "parallel.last_stage_layers=1",
+                          "parallel.ep=64", "precision.dtype=bf16", "train.micro_batch_size=1",
                           "train.global_batch_size=2048"], 2048),
     ("deepseek_v2_lite_16b", ["parallel.ep=8", "precision.dtype=bf16", "train.micro_batch_size=1",
                               "train.global_batch_size=64"], 8),

@@ -20,6 +20,7 @@ LOSS_TOLERANCE = 2e-4
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),
+    "pp2_uneven": (2, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"]),
     "ep2": (2, ["parallel.ep=2"]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2_pp2_ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),

@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_mm.config import Config
+from megatron_mm.models import pipeline_split
 from megatron_mm.models.encoders import build_encoders
 from megatron_mm.models.multimodal import MultimodalGPTModel, freeze
 from megatron_mm.models.specs import backend_for, decoder_block_spec, mtp_block_spec
@@ -18,8 +19,10 @@ from megatron_mm.models.specs import backend_for, decoder_block_spec, mtp_block_
 
 def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerConfig:
     """Map our typed config onto megatron-core's; `device_overrides` come from the runtime
-    compat layer (fusions and initialisation that this machine cannot do)."""
+    compat layer (fusions and initialisation that this machine cannot do). The layers per
+    pipeline stage are `pipeline_split.plan(cfg)`'s (explicit, balanced for the encoders, or even)."""
     m, p = cfg.model, cfg.parallel
+    split = pipeline_split.plan(cfg)
     bf16 = cfg.precision.dtype == "bf16"
     moe = {}
     if m.is_moe:
@@ -80,6 +83,8 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.pp > 1 else None,
+        num_layers_in_first_pipeline_stage=split.first,
+        num_layers_in_last_pipeline_stage=split.last,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,
         sequence_parallel=p.sequence_parallel,

@@ -8,7 +8,8 @@ half-written checkpoint where a resume would find it.
 
 Model and optimizer state are saved as sharded tensors keyed by global parameter name
 (the optimizer in megatron-core's `fully_reshardable` form), so a checkpoint loads into any
-TP/PP/EP/VPP layout. RNG states are per rank and are restored only into the same layout.
+TP/PP/EP/VPP layout (and any split of the layers over the pipeline stages). RNG states are
+per rank and are restored only into the same layout, layers per stage included.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, to_dict
+from megatron_mm.models import pipeline_split
 from megatron_mm.runtime import distributed as runtime
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -40,7 +42,8 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 def layout_of(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "vpp": p.vpp, "world_size": world_size}
+    return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "vpp": p.vpp, "world_size": world_size,
+            "stage_layers": pipeline_split.plan(cfg).layers}
 
 
 def resolve(path: str) -> tuple[str, int]:

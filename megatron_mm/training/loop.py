@@ -25,6 +25,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_mm.config import Config, validate
+from megatron_mm.models import pipeline_split
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
@@ -227,6 +228,12 @@ def _train(cfg: Config, env, hardware, device) -> dict:
 
     # Model, optimizer, schedule.
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
+    split = pipeline_split.plan(cfg)
+    built = pipeline_split.megatron_stage_layers(tc)
+    if built != split.layers:  # the plan must be what megatron-core builds
+        raise RuntimeError(f"pipeline split {split.layers} planned, but megatron-core builds {built}")
+    if p.pp > 1:
+        log0(split.describe())
     model = build_model(cfg, tc, hardware, data.placeholder_ids)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
     loads = ExpertLoadTracker(
