@@ -22,8 +22,9 @@ setup(
         "webdataset",  # multimodal shards
     ],
     extras_require={
+        # DALI reads the multimodal shards (on the GPU when there is one, else its CPU pipeline).
+        "dali": ["nvidia-dali-cuda120"],
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
-        # DALI's CPU pipelines run the media-loader tests on machines without a GPU.
         "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120"],
     },
 )
