@@ -132,6 +132,11 @@ class ParallelConfig:
     etp: int = 1
     vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule)
     sequence_parallel: bool = False
+    # Uneven pipeline split (megatron-core's num_layers_in_first/last_pipeline_stage): decoder
+    # layers on the first / last stage; the other stages share the rest evenly. None: even split.
+    # Stage 0 also holds the embedding and the encoders, the last stage the head and MTP layers.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
 
 
 @dataclass
@@ -218,6 +223,22 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
+
+
+def stage_layers(num_layers: int, p: ParallelConfig) -> list[int]:
+    """Decoder layers on each pipeline rank (all its virtual chunks together), as megatron-core
+    splits them (`get_num_layers_to_build`); assumes a split `validate` accepts."""
+    if p.first_stage_layers is None and p.last_stage_layers is None:
+        return [num_layers // p.pp] * p.pp
+    ends = [x for x in (p.first_stage_layers, p.last_stage_layers) if x is not None]
+    middle_stages = p.pp - len(ends)
+    middle = (num_layers - sum(ends)) // middle_stages if middle_stages else 0
+    counts = [middle] * p.pp
+    if p.first_stage_layers is not None:
+        counts[0] = p.first_stage_layers
+    if p.last_stage_layers is not None:
+        counts[-1] = p.last_stage_layers
+    return counts
 
 
 @dataclass
@@ -377,12 +398,17 @@ def add_config_args(parser) -> None:
 
 @dataclass
 class Hardware:
-    """What validation needs to know about the machine (filled in by the runtime)."""
+    """What validation needs to know about the machine: filled in by the runtime for the
+    machine it runs on, or from a cluster profile (`megatron_mm.planning.cluster`) by tools
+    that plan a job for a cluster (`tools/make_sbatch.py`)."""
 
     has_cuda: bool = False
     fp8_capable: bool = False  # compute capability >= 8.9 (Ada/Hopper)
     has_transformer_engine: bool = False
     device_name: str = "cpu"
+    gpus_per_node: Optional[int] = None  # known for a cluster profile: ranks per node
+    gpu_memory_gib: Optional[float] = None  # memory of one GPU; None: not checked
+    reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
 
 
 FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
@@ -425,13 +451,29 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
          f"must be divisible by parallel.tp={p.tp}")
     rule(m.num_attention_heads % p.tp == 0, "model.num_attention_heads", m.num_attention_heads,
          f"must be divisible by parallel.tp={p.tp}")
+    if m.q_lora_rank is not None and m.q_lora_rank >= 1:
+        rule(m.q_lora_rank % p.tp == 0, "model.q_lora_rank", m.q_lora_rank,
+             f"must be divisible by parallel.tp={p.tp} (the query down-projection is column-parallel)")
+    kv_down = m.kv_lora_rank + m.qk_pos_emb_head_dim
+    rule(kv_down % p.tp == 0, "model.kv_lora_rank", m.kv_lora_rank,
+         f"plus model.qk_pos_emb_head_dim={m.qk_pos_emb_head_dim} ({kv_down}) must be divisible by "
+         f"parallel.tp={p.tp} (the key/value down-projection is column-parallel)")
     rule(m.rope_type in ("rope", "yarn"), "model.rope_type", m.rope_type, "must be rope or yarn")
     rule(m.router_score_function in ("sigmoid", "softmax"), "model.router_score_function",
          m.router_score_function, "must be sigmoid or softmax")
     rule(0 <= m.first_k_dense_layers <= m.num_layers, "model.first_k_dense_layers",
          m.first_k_dense_layers, f"must be between 0 and model.num_layers={m.num_layers}")
     rule(m.mtp_num_layers >= 0, "model.mtp_num_layers", m.mtp_num_layers, "must be >= 0")
+    dense_layers = m.first_k_dense_layers if m.is_moe else m.num_layers
+    if dense_layers or (m.mtp_num_layers and not m.is_moe):
+        rule(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+             f"must be divisible by parallel.tp={p.tp}")
     if m.is_moe:
+        shared = m.num_shared_experts * m.moe_ffn_hidden_size
+        rule(shared % p.tp == 0, "model.num_shared_experts*model.moe_ffn_hidden_size", shared,
+             f"must be divisible by parallel.tp={p.tp} (the shared experts are tensor-parallel)")
+        rule(m.moe_ffn_hidden_size % p.etp == 0, "model.moe_ffn_hidden_size", m.moe_ffn_hidden_size,
+             f"must be divisible by parallel.etp={p.etp}")
         rule(m.num_experts % p.ep == 0, "model.num_experts", m.num_experts,
              f"must be divisible by parallel.ep={p.ep}")
         rule(1 <= m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
@@ -509,14 +551,49 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
             rule(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
                  f"gives {microbatches} micro-batches, which the interleaved schedule needs "
                  f"divisible by parallel.pp={p.pp}")
-    chunks = p.pp * (p.vpp or 1)
-    rule(m.num_layers % chunks == 0, "model.num_layers", m.num_layers,
-         f"must be divisible by parallel.pp*parallel.vpp={chunks}")
     if p.vpp is not None:
         rule(p.vpp >= 1, "parallel.vpp", p.vpp, "must be at least 1 (or null)")
         rule(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "needs parallel.pp > 1")
+    vpp = p.vpp if p.vpp and p.vpp >= 1 else 1
+    uneven = {"parallel.first_stage_layers": p.first_stage_layers, "parallel.last_stage_layers": p.last_stage_layers}
+    uneven = {k: v for k, v in uneven.items() if v is not None}
+    if not uneven:
+        chunks = p.pp * vpp
+        rule(m.num_layers % chunks == 0, "model.num_layers", m.num_layers,
+             f"must be divisible by parallel.pp*parallel.vpp={chunks} "
+             f"(or split unevenly with parallel.first_stage_layers/last_stage_layers)")
+    else:
+        before = len(problems)
+        for key, value in uneven.items():
+            rule(p.pp > 1, key, value, "needs parallel.pp > 1")
+            rule(value >= 1, key, value, "must be at least 1 (or null for an even split)")
+            rule(value < 1 or value % vpp == 0, key, value, f"must be divisible by parallel.vpp={vpp}")
+        middle_stages = p.pp - len(uneven)
+        middle_layers = m.num_layers - sum(uneven.values())
+        names = " and ".join(f"{k}={v}" for k, v in uneven.items())
+        if len(problems) > before:  # the ends themselves are wrong (pp 1, < 1, vpp): said above
+            pass
+        elif middle_stages == 0:
+            rule(middle_layers == 0, "model.num_layers", m.num_layers,
+                 f"must equal the sum of {names} with parallel.pp={p.pp}")
+        elif middle_layers < middle_stages * vpp:
+            rule(False, "model.num_layers", m.num_layers,
+                 f"leaves {middle_layers} layers after {names}: too few for {middle_stages} middle stage(s)")
+        else:
+            rule(middle_layers % (middle_stages * vpp) == 0, "model.num_layers", m.num_layers,
+                 f"leaves {middle_layers} layers after {names}, which the {middle_stages} middle stage(s)"
+                 + (f" x parallel.vpp={vpp} chunks" if vpp > 1 else "") + " cannot share evenly")
     rule(p.etp == 1 or hardware.has_cuda, "parallel.etp", p.etp,
          "must be 1 on gloo (CPU): gloo has no uneven all_gather, which expert TP needs")
+    if hardware.gpus_per_node:
+        # Ranks fill nodes in order (srun block distribution) and tensor parallelism varies
+        # fastest in megatron's rank order, so a TP group is `tp` consecutive ranks: it stays
+        # inside one node exactly when tp divides the node's GPU count.
+        n, where = hardware.gpus_per_node, f"{hardware.gpus_per_node} GPUs of a node ({hardware.device_name})"
+        for key, size in (("parallel.tp", p.tp), ("parallel.etp", p.etp)):
+            rule(size <= n, key, size, f"is larger than the {where}: a tensor-parallel group must stay inside one node")
+            rule(size > n or n % size == 0, key, size,
+                 f"must divide the {where}, or its tensor-parallel groups would straddle nodes")
 
     # Precision and hardware.
     rule(cfg.precision.dtype in ("fp32", "bf16"), "precision.dtype", cfg.precision.dtype,
@@ -572,3 +649,19 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
 
     if problems:
         raise ConfigError(problems)
+
+    # Memory, once the layout is known to be valid: the model state alone (weights, gradients,
+    # optimizer) must fit; activations are estimated and reported by the planner, not enforced.
+    if hardware.gpu_memory_gib:
+        from megatron_mm.planning.memory import estimate_memory
+
+        est = estimate_memory(cfg, world_size)
+        worst = max(est.stages, key=lambda st: st.model_state_bytes)
+        usable = hardware.gpu_memory_gib - hardware.reserved_memory_gib
+        need = worst.model_state_bytes / 2**30
+        rule(need <= usable, "parallel", est.layout_text(),
+             f"model state needs {need:.1f} GiB a GPU on pipeline stage {worst.stage} (weights, gradients, "
+             f"optimizer; planner estimate), more than the {usable:g} GiB usable of a "
+             f"{hardware.gpu_memory_gib:g} GiB {hardware.device_name}")
+        if problems:
+            raise ConfigError(problems)

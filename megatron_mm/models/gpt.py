@@ -80,6 +80,8 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.pp > 1 else None,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers if p.pp > 1 else None,
+        num_layers_in_last_pipeline_stage=p.last_stage_layers if p.pp > 1 else None,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,
         sequence_parallel=p.sequence_parallel,
