@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
-STEPS = 8
+STEPS = 16  # room for the signal to land mid-run on a fast machine
 
 
 def _have_slurm() -> bool:
@@ -188,7 +188,7 @@ def test_sbatch_trains_requeues_on_signal_and_resumes(slurm, tmp_path, data_cach
     run_dir = str(runs / f"mmtest-{jobid}")
     log = str(runs / f"mmtest-{jobid}.out")
 
-    def wait(what, predicate, timeout=240):
+    def wait(what, predicate, timeout=240, poll=1.0):
         deadline = time.time() + timeout
         while not predicate():
             state = _job(jobid, env)
@@ -196,14 +196,14 @@ def test_sbatch_trains_requeues_on_signal_and_resumes(slurm, tmp_path, data_cach
                 break
             if time.time() > deadline:
                 break
-            time.sleep(1)
+            time.sleep(poll)
         if not predicate():
             logs = "\n".join(_tail(slurm["dir"], n) for n in ("slurmctld.log", "slurmd-n1.log", "slurmd-n2.log"))
             job_log = open(log).read()[-6000:] if os.path.exists(log) else "(no job log)"
             pytest.fail(f"timed out waiting for {what}; job {state}\n{job_log}\n{logs}")
 
     # First run: a few steps, then the pre-time-limit signal (what --signal=USR1@120 sends).
-    wait("3 logged steps", lambda: len(_metrics(run_dir)) >= 3)
+    wait("3 logged steps", lambda: len(_metrics(run_dir)) >= 3, poll=0.2)
     subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True)
 
     # The ranks checkpoint and exit 0; the script requeues the job, which waits on its begin time.
