@@ -383,12 +383,17 @@ def add_config_args(parser) -> None:
 
 @dataclass
 class Hardware:
-    """What validation needs to know about the machine (filled in by the runtime)."""
+    """What validation needs to know about the machine: filled in by the runtime for the
+    machine it runs on, or from a cluster profile (`megatron_mm.planning.cluster`) by tools
+    that plan a job for a cluster (`tools/make_sbatch.py`)."""
 
     has_cuda: bool = False
     fp8_capable: bool = False  # compute capability >= 8.9 (Ada/Hopper)
     has_transformer_engine: bool = False
     device_name: str = "cpu"
+    gpus_per_node: Optional[int] = None  # known for a cluster profile: ranks per node
+    gpu_memory_gib: Optional[float] = None  # memory of one GPU; None: not checked
+    reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
 
 
 FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
@@ -431,13 +436,29 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
          f"must be divisible by parallel.tp={p.tp}")
     rule(m.num_attention_heads % p.tp == 0, "model.num_attention_heads", m.num_attention_heads,
          f"must be divisible by parallel.tp={p.tp}")
+    if m.q_lora_rank is not None and m.q_lora_rank >= 1:
+        rule(m.q_lora_rank % p.tp == 0, "model.q_lora_rank", m.q_lora_rank,
+             f"must be divisible by parallel.tp={p.tp} (the query down-projection is column-parallel)")
+    kv_down = m.kv_lora_rank + m.qk_pos_emb_head_dim
+    rule(kv_down % p.tp == 0, "model.kv_lora_rank", m.kv_lora_rank,
+         f"plus model.qk_pos_emb_head_dim={m.qk_pos_emb_head_dim} ({kv_down}) must be divisible by "
+         f"parallel.tp={p.tp} (the key/value down-projection is column-parallel)")
     rule(m.rope_type in ("rope", "yarn"), "model.rope_type", m.rope_type, "must be rope or yarn")
     rule(m.router_score_function in ("sigmoid", "softmax"), "model.router_score_function",
          m.router_score_function, "must be sigmoid or softmax")
     rule(0 <= m.first_k_dense_layers <= m.num_layers, "model.first_k_dense_layers",
          m.first_k_dense_layers, f"must be between 0 and model.num_layers={m.num_layers}")
     rule(m.mtp_num_layers >= 0, "model.mtp_num_layers", m.mtp_num_layers, "must be >= 0")
+    dense_layers = m.first_k_dense_layers if m.is_moe else m.num_layers
+    if dense_layers or (m.mtp_num_layers and not m.is_moe):
+        rule(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+             f"must be divisible by parallel.tp={p.tp}")
     if m.is_moe:
+        shared = m.num_shared_experts * m.moe_ffn_hidden_size
+        rule(shared % p.tp == 0, "model.num_shared_experts*model.moe_ffn_hidden_size", shared,
+             f"must be divisible by parallel.tp={p.tp} (the shared experts are tensor-parallel)")
+        rule(m.moe_ffn_hidden_size % p.etp == 0, "model.moe_ffn_hidden_size", m.moe_ffn_hidden_size,
+             f"must be divisible by parallel.etp={p.etp}")
         rule(m.num_experts % p.ep == 0, "model.num_experts", m.num_experts,
              f"must be divisible by parallel.ep={p.ep}")
         rule(1 <= m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
@@ -555,6 +576,15 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "needs parallel.pp > 1")
     rule(p.etp == 1 or hardware.has_cuda, "parallel.etp", p.etp,
          "must be 1 on gloo (CPU): gloo has no uneven all_gather, which expert TP needs")
+    if hardware.gpus_per_node:
+        # Ranks fill nodes in order (srun block distribution) and tensor parallelism varies
+        # fastest in megatron's rank order, so a TP group is `tp` consecutive ranks: it stays
+        # inside one node exactly when tp divides the node's GPU count.
+        n, where = hardware.gpus_per_node, f"{hardware.gpus_per_node} GPUs of a node ({hardware.device_name})"
+        for key, size in (("parallel.tp", p.tp), ("parallel.etp", p.etp)):
+            rule(size <= n, key, size, f"is larger than the {where}: a tensor-parallel group must stay inside one node")
+            rule(size > n or n % size == 0, key, size,
+                 f"must divide the {where}, or its tensor-parallel groups would straddle nodes")
 
     # Precision and hardware.
     rule(cfg.precision.dtype in ("fp32", "bf16"), "precision.dtype", cfg.precision.dtype,
@@ -610,3 +640,19 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
 
     if problems:
         raise ConfigError(problems)
+
+    # Memory, once the layout is known to be valid: the model state alone (weights, gradients,
+    # optimizer) must fit; activations are estimated and reported by the planner, not enforced.
+    if hardware.gpu_memory_gib:
+        from megatron_mm.planning.memory import estimate_memory
+
+        est = estimate_memory(cfg, world_size)
+        worst = max(est.stages, key=lambda st: st.model_state_bytes)
+        usable = hardware.gpu_memory_gib - hardware.reserved_memory_gib
+        need = worst.model_state_bytes / 2**30
+        rule(need <= usable, "parallel", est.layout_text(),
+             f"model state needs {need:.1f} GiB a GPU on pipeline stage {worst.stage} (weights, gradients, "
+             f"optimizer; planner estimate), more than the {usable:g} GiB usable of a "
+             f"{hardware.gpu_memory_gib:g} GiB {hardware.device_name}")
+        if problems:
+            raise ConfigError(problems)

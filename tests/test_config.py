@@ -210,6 +210,12 @@ BAD = [
         ["model.vocab_size=511", "parallel.tp=2", "parallel.sequence_parallel=true"], world=2),
     bad("experts % ep", "model.num_experts=6: must be divisible by parallel.ep=4",
         ["model.num_experts=6", "parallel.ep=4"], world=4),
+    bad("kv down-projection % tp", "model.kv_lora_rank=31: plus model.qk_pos_emb_head_dim=8 (39) must be "
+        "divisible by parallel.tp=2 (the key/value down-projection is column-parallel)",
+        ["model.kv_lora_rank=31", "parallel.tp=2", "parallel.sequence_parallel=true"], world=2),
+    bad("q down-projection % tp", "model.q_lora_rank=30: must be divisible by parallel.tp=4 "
+        "(the query down-projection is column-parallel)",
+        ["model.q_lora_rank=30", "parallel.tp=4", "parallel.sequence_parallel=true"], world=4),
     bad("layers % pp*vpp", "model.num_layers=4: must be divisible by parallel.pp*parallel.vpp=8",
         ["parallel.pp=2", "parallel.vpp=4"], world=2),
     bad("v3 over pp16", "model.num_layers=61: must be divisible by parallel.pp*parallel.vpp=16 "
@@ -335,6 +341,13 @@ def test_launcher_stops_before_any_process_group():
     assert proc.stderr.splitlines() == [  # one line a violation, nothing else (no traceback)
         "config error: model.vocab_size=512: must be divisible by parallel.tp=3",
         "config error: model.num_attention_heads=4: must be divisible by parallel.tp=3",
+        "config error: model.q_lora_rank=32: must be divisible by parallel.tp=3 (the query down-projection is "
+        "column-parallel)",
+        "config error: model.kv_lora_rank=32: plus model.qk_pos_emb_head_dim=8 (40) must be divisible by "
+        "parallel.tp=3 (the key/value down-projection is column-parallel)",
+        "config error: model.ffn_hidden_size=128: must be divisible by parallel.tp=3",
+        "config error: model.num_shared_experts*model.moe_ffn_hidden_size=32: must be divisible by parallel.tp=3 "
+        "(the shared experts are tensor-parallel)",
         "config error: parallel.sequence_parallel=False: must be true for an MoE model with parallel.tp=3 > 1 "
         "(megatron-core rule)",
         "config error: parallel.tp*parallel.pp=3: must divide the world size 1",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import losses, pretrain
+from conftest import QUICKSTART, losses, pretrain
 
 STEPS = 10
 COMMON = [
@@ -51,6 +51,24 @@ def test_layout_matches_single_rank(nproc, layout, reference, tmp_path):
     assert sorted(got) == sorted(want)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=LOSS_TOLERANCE), (name, step, got[step], want[step])
+    check_rank_map(str(tmp_path), nproc, layout)
+
+
+def check_rank_map(run_dir: str, nproc: int, layout: list[str]) -> None:
+    """The coordinates and parameter count every rank reported (rank_map.json) are what the
+    planner predicts: megatron-core's RankGenerator and `rank_parameters`."""
+    from megatron_mm.config import load_config
+    from megatron_mm.planning.layout import rank_map
+    from megatron_mm.planning.memory import rank_parameters
+
+    cfg = load_config(QUICKSTART, layout)
+    p = cfg.parallel
+    with open(os.path.join(run_dir, "rank_map.json")) as f:
+        reported = json.load(f)["ranks"]
+    keys = ("rank", "tp", "pp", "dp", "ep", "etp", "edp")
+    predicted = rank_map(p.tp, p.pp, p.ep, p.etp, nproc, gpus_per_node=nproc)
+    assert [{k: r[k] for k in keys} for r in reported] == [{k: getattr(c, k) for k in keys} for c in predicted]
+    assert [r["params"] for r in reported] == [rank_parameters(cfg, c.pp).total for c in predicted]
 
 
 def test_resume_is_bit_exact_and_continues_into_another_layout(reference, tmp_path):

@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from megatron_mm.config import Hardware
+from megatron_mm.planning.layout import ORDER
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def detect_hardware() -> Hardware:
     if not has_cuda:
         return Hardware(False, False, has_te, "cpu")
     major, minor = torch.cuda.get_device_capability()
-    return Hardware(True, (major, minor) >= (8, 9), has_te, torch.cuda.get_device_name())
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return Hardware(True, (major, minor) >= (8, 9), has_te, torch.cuda.get_device_name(), gpu_memory_gib=memory)
 
 
 def init_distributed(env: DistEnv, hardware: Hardware, timeout_minutes: int = 30) -> torch.device:
@@ -121,8 +123,31 @@ def init_model_parallel(parallel) -> None:
         virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
-        order="tp-cp-ep-dp-pp",
+        order=ORDER,
     )
+
+
+def write_rank_map(path: str, env: DistEnv, num_parameters: int) -> None:
+    """Every rank's host and parallel coordinates (and parameter count) into one JSON file
+    written by rank 0: what the planner's rank map (`megatron_mm.planning.layout`) predicts."""
+    import json
+
+    from megatron.core import parallel_state as ps
+
+    mine = dict(
+        rank=env.rank, local_rank=env.local_rank, host=socket.gethostname(),
+        slurm_node=os.environ.get("SLURMD_NODENAME"), slurm_node_id=os.environ.get("SLURM_NODEID"),
+        tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank(),
+        dp=ps.get_data_parallel_rank(), ep=ps.get_expert_model_parallel_rank(),
+        etp=ps.get_expert_tensor_parallel_rank(), edp=ps.get_expert_data_parallel_rank(),
+        params=num_parameters,
+    )
+    ranks = [None] * env.world_size
+    torch.distributed.all_gather_object(ranks, mine)
+    if env.rank == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"world_size": env.world_size, "order": ORDER, "ranks": ranks}, f, indent=1)
 
 
 def shutdown() -> None:

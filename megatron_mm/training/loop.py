@@ -244,6 +244,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     if len(model) > 1:
         tc.no_sync_func = [m.no_sync for m in model]
     log0(f"model: {count_parameters(model):,} parameters on rank 0")
+    runtime.write_rank_map(os.path.join(cfg.run.dir, "rank_map.json"), env, count_parameters(model))
 
     # Resume.
     start, data_state = 0, {}

@@ -1,0 +1,204 @@
+"""Planning without a cluster: parameters per rank against built megatron-core models, memory
+arithmetic, rank maps from megatron-core's RankGenerator, cluster profiles, uneven pipeline
+splits, and tools/make_sbatch.py (scripts and one-line refusals)."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megatron_mm.config import ConfigError, Hardware, load_config, validate  # noqa: E402
+from megatron_mm.models.params import estimate_parameters  # noqa: E402
+from megatron_mm.models import pipeline_split
+from megatron_mm.planning.cluster import load_cluster  # noqa: E402
+from megatron_mm.planning.memory import estimate_memory, in_flight_chunks, rank_parameters  # noqa: E402
+
+TEXT = os.path.join(ROOT, "configs", "quickstart_text.yaml")
+MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
+CLUSTERS = os.path.join(ROOT, "configs", "clusters")
+LAYOUTS = os.path.join(ROOT, "configs", "layouts")
+SP = "parallel.sequence_parallel=true"
+
+# Layouts of 4 ranks whose every rank's parameters are counted on a built model.
+CASES = {
+    "tp2_pp2": (TEXT, ["parallel.tp=2", "parallel.pp=2", SP]),
+    "tp2_ep2": (TEXT, ["parallel.tp=2", "parallel.ep=2", SP]),
+    "pp2_vpp2_ep2": (TEXT, ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=2"]),
+    "pp4_mtp": (TEXT, ["parallel.pp=4", "model.mtp_num_layers=1"]),
+    "pp2_uneven_tied_mtp_tp2": (TEXT, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.tp=2", SP,
+                                       "model.share_embeddings_and_output_weights=true", "model.mtp_num_layers=1"]),
+    "multimodal_tp2_pp2_resampler": (MULTIMODAL, ["parallel.tp=2", "parallel.pp=2", SP,
+                                                  "model.vision.projector=resampler"]),
+    "multimodal_tp4": (MULTIMODAL, ["parallel.tp=4", SP]),
+    "dense_tp2_pp2_tied": (TEXT, ["model.num_experts=null", "parallel.tp=2", "parallel.pp=2",
+                                  "model.share_embeddings_and_output_weights=true"]),
+    "no_q_lora_no_shared_tp2_ep2": (TEXT, ["model.q_lora_rank=null", "model.num_shared_experts=0",
+                                           "parallel.tp=2", "parallel.ep=2", SP]),
+}
+
+
+def test_rank_parameters_equal_built_models(tmp_path):
+    """Every rank of 9 layouts (TP, PP, VPP, EP, uneven split, MTP, tied embeddings, encoders,
+    dense, no q compression, no shared experts): planner count == megatron-core's model."""
+    cases = [{"name": n, "config": c, "overrides": o} for n, (c, o) in CASES.items()]
+    for case in cases:
+        validate(load_config(case["config"], case["overrides"]), 4, Hardware())
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    out = tmp_path / "counts.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
+           os.path.join(ROOT, "tests", "helpers", "count_rank_params.py"), str(tmp_path / "cases.json"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    counts = json.loads(out.read_text())
+    for case in cases:
+        cfg = load_config(case["config"], case["overrides"])
+        for rank in counts[case["name"]]:
+            assert rank["params"] == rank_parameters(cfg, rank["pp"]).total, (case["name"], rank)
+
+
+@pytest.mark.parametrize("model", ["tiny", "deepseek_v2_lite_16b", "deepseek_v3_671b"])
+def test_one_rank_equals_whole_model_count(model):
+    cfg = load_config(os.path.join(ROOT, "configs", "models", f"{model}.yaml"))
+    assert rank_parameters(cfg, 0).total == estimate_parameters(cfg.model)["total"]
+
+
+def test_v3_pp16_ep64_shards_add_up_to_the_model():
+    cfg = load_config(os.path.join(LAYOUTS, "deepseek_v3_671b_pp16_ep64.yaml"))
+    p, m = cfg.parallel, cfg.model
+    stages = [rank_parameters(cfg, s) for s in range(p.pp)]
+    copies = m.vocab_size * m.hidden_size  # the MTP's copy of the embedding on the last stage
+    total = sum(s.dense + p.ep * s.expert for s in stages) - copies
+    assert total == estimate_parameters(m)["total"]
+    assert pipeline_split.plan(cfg).layers == [3] + [4] * 14 + [2]
+
+
+def test_model_state_bytes():
+    base = ["parallel.ep=2", "precision.dtype=bf16"]
+    cfg = load_config(TEXT, base)
+    est = estimate_memory(cfg, 4)  # dp 4, expert dp 2
+    st, params = est.stages[0], rank_parameters(cfg, 0)
+    assert (est.dp, est.expert_dp) == (4, 2)
+    assert st.weights_bytes == 2 * params.total and st.grads_bytes == 4 * params.total
+    assert st.optimizer_bytes == pytest.approx(12 * params.dense / 4 + 12 * params.expert / 2)
+    fp32 = estimate_memory(load_config(TEXT, ["parallel.ep=2"]), 4).stages[0]
+    assert fp32.weights_bytes == 4 * params.total  # no master copy in fp32: Adam's two moments only
+    assert fp32.optimizer_bytes == pytest.approx(8 * params.dense / 4 + 8 * params.expert / 2)
+    plain = estimate_memory(load_config(TEXT, base + ["train.optimizer.use_distributed_optimizer=false"]), 4)
+    assert plain.stages[0].optimizer_bytes == 12 * params.total
+    frozen = estimate_memory(load_config(MULTIMODAL, ["train.freeze.language_model=true"]), 1).stages[0]
+    mm = rank_parameters(load_config(MULTIMODAL), 0)
+    trainable = mm.total - (frozen.params.frozen_dense + frozen.params.frozen_expert)
+    assert frozen.grads_bytes == 4 * trainable and 0 < trainable < mm.total
+
+
+def test_activations_scale_with_tokens_and_tp():
+    one = estimate_memory(load_config(TEXT, ["train.micro_batch_size=1"]), 1).stages[0].activation_bytes
+    two = estimate_memory(load_config(TEXT, ["train.micro_batch_size=2"]), 1).stages[0].activation_bytes
+    assert two == pytest.approx(2 * one)
+    tp2 = estimate_memory(load_config(TEXT, ["parallel.tp=2", SP]), 2).stages[0].activation_bytes
+    assert tp2 == pytest.approx(one / 2)
+
+
+def test_in_flight_micro_batches():
+    assert [in_flight_chunks(4, None, r, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_chunks(4, None, r, 2) for r in range(4)] == [2, 2, 2, 1]
+    # interleaved: megatron-core's warm-up (pp - rank - 1) * 2 + (vpp - 1) * pp, plus one
+    assert [in_flight_chunks(2, 2, r, 8) for r in range(2)] == [5, 3]
+    assert in_flight_chunks(1, None, 0, 8) == 1
+
+
+def test_rank_map_follows_megatron_order():
+    from megatron_mm.planning.layout import rank_map
+
+    coords = rank_map(tp=2, pp=2, ep=2, etp=1, world_size=16, gpus_per_node=8)
+    assert [(c.tp, c.dp, c.pp) for c in coords[:4]] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]
+    assert {c.pp for c in coords[:8]} == {0} and {c.pp for c in coords[8:]} == {1}  # a stage a node
+    assert [c.ep for c in coords[:4]] == [0, 1, 0, 1] and [c.edp for c in coords[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [c.node for c in coords] == [r // 8 for r in range(16)]
+
+
+# --------------------------------------------------------------------------- config rules
+
+
+def test_cluster_profiles():
+    h800 = load_cluster(os.path.join(CLUSTERS, "h800.yaml"))
+    a100 = load_cluster(os.path.join(CLUSTERS, "a100_80gb.yaml"))
+    cpu = load_cluster(os.path.join(CLUSTERS, "cpu_test.yaml"))
+    assert (h800.gpus_per_node, h800.fp8, a100.fp8, a100.peak_tflops_fp8) == (8, True, False, None)
+    assert h800.hardware().fp8_capable and not a100.hardware().fp8_capable
+    assert a100.hardware().gpu_memory_gib == a100.gpu_memory_gib and not cpu.hardware().has_cuda
+    with pytest.raises(ConfigError) as err:
+        load_cluster(os.path.join(CLUSTERS, "missing.yaml"))
+    assert len(err.value.problems) == 1
+
+
+def test_bad_cluster_profile_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ngpu: G\ngpus_per_node: 8\ngpu_memory: 80\n")
+    with pytest.raises(ConfigError) as err:
+        load_cluster(str(bad))
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(f"--cluster {bad}: unknown key gpu_memory (known: ")
+
+
+# --------------------------------------------------------------------------- make_sbatch
+
+
+def _make_sbatch(argv):
+    import make_sbatch
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = make_sbatch.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_ten_refusals_are_one_line_each():
+    from slurm_examples import REFUSALS
+
+    assert len(REFUSALS) == 10
+    for what, argv, expected in REFUSALS:
+        rc, out, err = _make_sbatch([a if not a.startswith("configs/") else os.path.join(ROOT, a) for a in argv]
+                                    + ["--out", os.devnull])
+        lines = [line.replace(ROOT + os.sep, "") for line in err.splitlines() if line.startswith("refused:")]
+        assert rc == 2 and lines == [expected], (what, lines)
+
+
+def test_script_for_v2_lite_on_two_h800_nodes(tmp_path):
+    out_file = tmp_path / "job.sbatch"
+    rc, out, err = _make_sbatch([
+        "--config", os.path.join(LAYOUTS, "deepseek_v2_lite_pp2_ep8.yaml"),
+        "--cluster", os.path.join(CLUSTERS, "h800.yaml"), "--nodes", "2", "--partition", "gpu",
+        "--account", "proj", "--runs-root", str(tmp_path / "runs"), "--out", str(out_file), "--print-map",
+        "--set", "train.steps=3000"])
+    assert rc == 0, err
+    text = out_file.read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR1@600", "export NCCL_IB_HCA=mlx5", "TRAIN_STEPS=3000",
+                 "--set logging.peak_tflops_per_gpu=989.5", "--set train.steps=3000",
+                 "srun --kill-on-bad-exit=1 --distribution=block:block",
+                 "launch/pretrain.py --config configs/layouts/deepseek_v2_lite_pp2_ep8.yaml"):
+        assert line in text, line
+    assert "node 1 (ranks 8-15): pipeline stage 1" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["world_size"] == 16 and len(report["memory"]["stages"]) == 2
+    assert os.path.isdir(tmp_path / "runs")  # sbatch needs the --output folder to exist
+    # The script is valid bash.
+    assert subprocess.run(["bash", "-n", str(out_file)]).returncode == 0
+
+
+def test_script_to_stdout_without_out():
+    rc, out, err = _make_sbatch(["--config", TEXT, "--cluster", os.path.join(CLUSTERS, "cpu_test.yaml"),
+                                 "--nodes", "2", "--runs-root", "/tmp/unused-runs"])
+    assert rc == 0 and out.startswith("#!/bin/bash") and "cluster cpu_test" in err
+    assert "--gpus-per-node" not in out and "peak_tflops" not in out  # no GPUs, no MFU peak
