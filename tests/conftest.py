@@ -10,6 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart_text.yaml")
+QUICKSTART_MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
 
 
 def free_port() -> int:
@@ -18,9 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run pretraining on `nproc` gloo ranks with the quickstart config plus overrides."""
-    args = ["--config", QUICKSTART] + [a for o in overrides for a in ("--set", o)]
+def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool = True,
+             config: str = QUICKSTART) -> subprocess.CompletedProcess:
+    """Run pretraining on `nproc` gloo ranks with `config` (the text quickstart) plus overrides."""
+    args = ["--config", config] + [a for o in overrides for a in ("--set", o)]
     script = os.path.join(ROOT, "launch", "pretrain.py")
     if nproc == 1:
         cmd = [sys.executable, script] + args

@@ -128,10 +128,32 @@ def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_en
             freeze(chunk, cfg.train.freeze)
         else:
             chunk = GPTModel(**kwargs)
+        _reduce_replicated_experts(tc, chunk)
         chunks.append(chunk)
     return chunks
 
 
+def _reduce_replicated_experts(tc: MLATransformerConfig, chunk: torch.nn.Module) -> None:
+    """With EP=1 and expert TP below TP (our etp=1 under TP2), every TP rank holds whole
+    copies of the experts but, with sequence parallelism, routes only its own sequence slice
+    through them, so their gradients must be summed over TP, as for layernorms. megatron-core
+    0.16.1 does not (it marks expert weights `tensor_model_parallel`, and reduces them over
+    the expert-data-parallel group, which holds the TP peers, only when EP > 1): each TP rank
+    stepped its copy with its own slice's gradient, and the copies drifted apart. Marked
+    here like a layernorm: `sequence_parallel` (finalize_model_grads sums it over TP) and
+    not `tensor_model_parallel` (the gradient norm counts it once, not once per TP rank).
+    Optimizer and checkpoint layout stay as they are, so checkpoints still move between
+    layouts."""
+    if not tc.num_moe_experts or tc.expert_model_parallel_size > 1:
+        return
+    if (tc.expert_tensor_parallel_size or tc.tensor_model_parallel_size) >= tc.tensor_model_parallel_size:
+        return
+    for module in chunk.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.sequence_parallel = True
+                param.tensor_model_parallel = False
+
+
 def count_parameters(chunks: list[torch.nn.Module]) -> int:
     return sum(p.numel() for c in chunks for p in c.parameters())
-

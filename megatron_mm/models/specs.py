@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec_for_backend,
@@ -29,6 +31,7 @@ from megatron.core.transformer.attention import (
     SelfAttentionSubmodules,
 )
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer import multi_latent_attention
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
     MLASelfAttentionSubmodules,
@@ -101,6 +104,70 @@ def backend_for(use_transformer_engine: bool):
     return _te_specs_class()() if use_transformer_engine else PortableSpecs()
 
 
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the tensor-parallel group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class TPMLASelfAttention(MLASelfAttention):
+    """megatron-core's MLA with two tensor-parallel gradient fixes (megatron-core 0.16.1;
+    both bite only with TP > 1 and the column-parallel down projections our specs use).
+
+    * The shared RoPE key `k_pos_emb` is cut from the output of
+      `linear_kv_down_proj` after `gather_from_tensor_model_parallel_region`, whose backward
+      is a plain split; each TP rank expands it over its own heads only, so its gradient
+      must be summed over TP ranks and never is (Megatron-LM issue #1699, open). Here the
+      gathered tensor's RoPE columns pass through `_SumGradOverTP` (identity forward,
+      all-reduce backward; megatron's own `copy_to_tensor_model_parallel_region` would
+      silently skip the sum: its `_reduce` all-reduces `grad.contiguous()`, a copy, when
+      the gradient of a column slice is not contiguous).
+    * `finalize_model_grads` sums every `q_layernorm` gradient over TP (written for
+      per-head q norms). MLA's q norm acts on the whole latent: without sequence
+      parallelism every rank already holds its full gradient, which the sum doubled. The
+      weight is marked `average_gradients_across_tp_domain` instead (an average of equal
+      values); with sequence parallelism the sum is right and nothing changes.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._kv_down_out = None
+        if self.tp_group.size() > 1:
+            self.linear_kv_down_proj.register_forward_hook(self._remember_kv_down)
+            if config.q_lora_rank is not None and not config.sequence_parallel:
+                self.q_layernorm.weight.average_gradients_across_tp_domain = True
+
+    def _remember_kv_down(self, module, args, output):
+        self._kv_down_out = output[0]
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        original = multi_latent_attention.gather_from_tensor_model_parallel_region
+        rope = self.config.qk_pos_emb_head_dim
+
+        def gather(tensor, *a, **k):
+            out = original(tensor, *a, **k)
+            if tensor is not self._kv_down_out:
+                return out
+            latent, k_pos_emb = out.split([out.size(-1) - rope, rope], dim=-1)
+            return torch.cat([latent, _SumGradOverTP.apply(k_pos_emb, self.tp_group)], dim=-1)
+
+        multi_latent_attention.gather_from_tensor_model_parallel_region = gather
+        try:
+            return super().get_query_key_value_tensors(*args, **kwargs)
+        finally:
+            multi_latent_attention.gather_from_tensor_model_parallel_region = original
+            self._kv_down_out = None
+
+
 def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec:
     """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE."""
     norm = backend.layer_norm(rms_norm=True)
@@ -113,7 +180,7 @@ def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=MLASelfAttention,
+                module=TPMLASelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=linear,

@@ -8,6 +8,7 @@ per-token loss scaling, MoE expert-bias update), `dist_checkpointing`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -23,6 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, validate
 from megatron_mm.models import pipeline_split
@@ -60,6 +62,37 @@ def build_model(cfg: Config, tc, hardware, placeholder_ids: dict[str, int]) -> l
             DistributedDataParallel(config=tc, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         )
     return model
+
+
+def stage_parameter_counts(model, device) -> list[dict]:
+    """Per pipeline stage: distinct parameters and those in the vision/audio encoders.
+
+    A rank holds 1/k of a parameter replicated on k ranks of its stage: dense weights not
+    split by TP are replicated over TP x DP, the rest over DP; expert weights
+    (`allreduce=False`) over ETP (unless split by it) x expert DP. Later stages' copies of a
+    tied embedding (`shared`) are skipped. Summed over a stage's ranks: what the stage owns."""
+    ps = parallel_state
+    dp, tp = ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    edp, etp = ps.get_expert_data_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    counts = torch.zeros(ps.get_pipeline_model_parallel_world_size(), 2, dtype=torch.float64, device=device)
+    row = counts[ps.get_pipeline_model_parallel_rank()]
+    for chunk in model:
+        module = unwrap_model(chunk)
+        encoders = {id(p) for name in ("vision", "audio") if getattr(module, name, None) is not None
+                    for p in getattr(module, name).parameters()}
+        for p in module.parameters():
+            if getattr(p, "shared", False):
+                continue
+            split = getattr(p, "tensor_model_parallel", False)
+            if getattr(p, "allreduce", True):
+                share = p.numel() / dp / (1 if split else tp)
+            else:
+                share = p.numel() / edp / (1 if split else etp)
+            row[0] += share
+            row[1] += share if id(p) in encoders else 0
+    torch.distributed.all_reduce(counts)
+    return [{"stage": i, "parameters": round(float(n)), "encoder_parameters": round(float(e))}
+            for i, (n, e) in enumerate(counts.tolist())]
 
 
 def build_optimizer(cfg: Config, tc, model):
@@ -245,6 +278,13 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         tc.no_sync_func = [m.no_sync for m in model]
     log0(f"model: {count_parameters(model):,} parameters on rank 0")
     runtime.write_rank_map(os.path.join(cfg.run.dir, "rank_map.json"), env, count_parameters(model))
+    stages = stage_parameter_counts(model, device)
+    for st in stages:
+        log0(f"stage {st['stage']}: {st['parameters']:,} parameters, {st['encoder_parameters']:,} in encoders")
+    if rank0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        with open(os.path.join(cfg.run.dir, "parameters.json"), "w") as f:
+            json.dump({"stages": stages, "total": sum(st["parameters"] for st in stages)}, f, indent=1)
 
     # Resume.
     start, data_state = 0, {}
