@@ -36,6 +36,11 @@ class VisionConfig:
     ffn_hidden_size: int = 128
     projector: str = "mlp"  # mlp: one LLM token per patch; resampler: `resampler_tokens` learned queries
     resampler_tokens: int = 8
+    # Per-channel RGB normalisation (0-255 scale) applied by the loaders: (x - mean) / std.
+    # The default is SigLIP's (x/255 - 0.5) / 0.5; a ViT trained from scratch wants the data
+    # set's own statistics (configs/models/tiny_multimodal.yaml says why).
+    image_mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    image_std: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
 
     @property
     def num_patches(self) -> int:
@@ -257,6 +262,13 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
         return _coerce(value, args[0], key)
+    if origin is list:  # YAML list, or "a,b,c" from --set
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError([f"{key}={value!r}: expected a list"])
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError([f"{key}: expected a mapping, got {value!r}"])
@@ -503,6 +515,9 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(vis.projector in ("mlp", "resampler"), "model.vision.projector", vis.projector,
              "must be mlp or resampler")
         rule(vis.resampler_tokens >= 1, "model.vision.resampler_tokens", vis.resampler_tokens, "must be at least 1")
+        for key, values in (("image_mean", vis.image_mean), ("image_std", vis.image_std)):
+            rule(len(values) == 3, f"model.vision.{key}", values, "must have 3 values (R, G, B)")
+        rule(all(v > 0 for v in vis.image_std), "model.vision.image_std", vis.image_std, "must be positive")
     if aud is not None:
         rule(aud.num_mel_bins >= 1, "model.audio.num_mel_bins", aud.num_mel_bins, "must be at least 1")
         rule(aud.pool >= 1 and aud.max_frames >= 1 and aud.num_tokens >= 1, "model.audio.max_frames", aud.max_frames,

@@ -88,7 +88,7 @@ def test_demo_is_deterministic_and_covers_every_kind(demo_dir, tmp_path, capsys)
     assert folder_digest(str(tmp_path / "other")) != folder_digest(demo_dir)
 
     train = summary["train"]
-    assert train["rows"] == N_TRAIN and summary["heldout"]["rows"] == N_HELDOUT
+    assert train["rows"] == N_TRAIN and summary["heldout"]["rows"] == summary["novel"]["rows"] == N_HELDOUT
     assert min(train["image"], train["audio"], train["text_only"], train["instruction"]) > 0
     rows = read_jsonl(os.path.join(demo_dir, "train.jsonl"))
     extensions = {os.path.splitext(r[k])[1] for r in rows for k in media_of(r)}
@@ -124,10 +124,11 @@ def test_demo_media_match_their_labels(demo_dir):
     assert min(checked.values()) > 5
 
 
-def test_heldout_combinations_are_unseen(demo_dir):
+def test_heldout_renders_are_new_and_novel_combinations_unseen(demo_dir):
     train = read_jsonl(os.path.join(demo_dir, "train.jsonl"))
     heldout = read_jsonl(os.path.join(demo_dir, "heldout.jsonl"))
-    assert all("label" in r and media_of(r) for r in heldout)
+    novel = read_jsonl(os.path.join(demo_dir, "novel.jsonl"))
+    assert all("label" in r and media_of(r) for r in heldout + novel)
 
     def image_combo(r):
         return (r["label"]["shape"], r["label"]["colour"], r["label"]["position"]) if "image" in r else None
@@ -135,10 +136,12 @@ def test_heldout_combinations_are_unseen(demo_dir):
     def audio_combo(r):
         return (r["label"]["pitch"], r["label"]["sound"], r["label"]["volume"]) if "audio" in r else None
 
-    for combo in (image_combo, audio_combo):
+    for combo, is_novel in ((image_combo, demo.image_is_heldout), (audio_combo, demo.audio_is_heldout)):
         seen = {combo(r) for r in train} - {None}
         held = {combo(r) for r in heldout} - {None}
-        assert held and seen and not held & seen
+        new = {combo(r) for r in novel} - {None}
+        assert held and seen and new and not new & seen
+        assert not any(is_novel(*c) for c in seen | held) and all(is_novel(*c) for c in new)
     # The rules hold out one placement per shape-colour pair and at most one volume per
     # (pitch, sound), so every attribute and shape-colour pair is still trained on.
     for shape, colour in itertools.product(SHAPES, COLOURS):
@@ -148,7 +151,7 @@ def test_heldout_combinations_are_unseen(demo_dir):
     assert sum(demo.audio_is_heldout(*c) for c in itertools.product(PITCHES, SOUNDS, VOLUMES)) == 4
     digest = folder_digest(demo_dir)
     train_bytes = {digest[r[k]] for r in train for k in media_of(r)}
-    held_bytes = {digest[r[k]] for r in heldout for k in media_of(r)}
+    held_bytes = {digest[r[k]] for r in heldout + novel for k in media_of(r)}
     assert not train_bytes & held_bytes
 
 

@@ -9,12 +9,14 @@ import tarfile
 import warnings
 
 import pytest
+import torch
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from megatron_mm.data.multimodal.fixture import fixture_sample, write_fixture_shards, write_shard  # noqa: E402
 from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader  # noqa: E402
 from megatron_mm.data.multimodal.plan import SamplePlan  # noqa: E402
+from megatron_mm.data.multimodal.samples import MediaSpec  # noqa: E402
 from megatron_mm.data.multimodal.shard_index import load_catalogue, resolve_shards  # noqa: E402
 
 dali = pytest.importorskip("megatron_mm.data.multimodal.loader_dali")
@@ -88,6 +90,20 @@ def test_loaders_agree(shards, tmp_path):
             else:
                 assert error.max() <= MEL_TOL_RESAMPLED and error.mean() <= MEL_MEAN_TOL_RESAMPLED, a.key
     assert sum(s.image is not None for s in t) == 12 and sum(s.mel is not None for s in t) == 11
+
+
+def test_image_normalisation_from_spec(shards, tmp_path):
+    """model.vision.image_mean/std reach both loaders: (x - mean) / std per channel."""
+    mean, std = (20.0, 40.0, 60.0), (50.0, 25.0, 100.0)
+    spec = MediaSpec(image_size=32, mel_frames=100, image_mean=mean, image_std=std)
+    plain = {n: take(l, 22) for n, l in loaders(shards, str(tmp_path)).items()}
+    custom = {n: take(l, 22) for n, l in loaders(shards, str(tmp_path), spec=spec).items()}
+    m, sd = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for name in ("dali", "torch"):
+        for a, b in zip(plain[name], custom[name]):
+            if a.image is not None:
+                expected = (a.image * 127.5 + 127.5 - m) / sd
+                assert (b.image - expected).abs().max() < 1e-4, (name, a.key)
 
 
 def test_dp_sharding(shards, tmp_path):

@@ -2,9 +2,11 @@
 
     python tools/evaluate.py --config configs/quickstart.yaml --set checkpoint.load=runs/quickstart/checkpoints
 
-For the multimodal demo set: held-out loss, and the accuracy with which the model picks
-the right description of unseen images (shape x colour) and sounds (pitch x sound),
-against chance. The last stdout line is one JSON object.
+For the multimodal demo set, per split (`heldout`: images and sounds never trained on;
+`novel`: attribute combinations never trained on): loss, and the accuracy with which the
+model picks the right answer to "What shape is this?", "What colour is the shape?", "Is this
+sound low, medium or high?" and "Is this a tone or a chord?", against chance.
+The last stdout line is one JSON object.
 """
 
 import argparse
@@ -16,31 +18,23 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
-from megatron_mm.config import ConfigError, add_config_args, load_config  # noqa: E402
+from megatron_mm.cli import report_errors  # noqa: E402
+from megatron_mm.config import add_config_args, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--max-samples", type=int, default=400, help="held-out samples to score")
+    parser.add_argument("--max-samples", type=int, default=400, help="samples to score per split")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> None:
         cfg = load_config(args.config, args.overrides)
         from megatron_mm.training.evaluate import evaluate
 
-        result = evaluate(cfg, args.max_samples)
-    except ConfigError as err:
-        print(f"config error: {err}".replace("\n", "\nconfig error: "), file=sys.stderr)
-        return 2
-    except Exception as err:
-        from megatron_mm.training.checkpoint import CheckpointError
+        print(json.dumps(evaluate(cfg, args.max_samples)), flush=True)
 
-        if not isinstance(err, CheckpointError):
-            raise
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result), flush=True)
-    return 0
+    return report_errors(work)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python tools/make_demo_data.py --out data/demo --n 2000 --seed 0
 
-Writes DIR/train.jsonl, DIR/heldout.jsonl (rows with "label" for scoring) and media under
+Writes DIR/train.jsonl, DIR/heldout.jsonl (new renders of the trained attribute combinations),
+DIR/novel.jsonl (combinations never trained on; both with "label" for scoring) and media under
 DIR/media/; see megatron_mm/data/multimodal/demo.py. Turn a JSONL into shards with
 tools/build_shards.py. Progress goes to stderr; the last stdout line is a JSON summary.
 """

@@ -5,9 +5,11 @@ Accuracy is scored by likelihood on the training set's single-attribute question
 each held-out image, "What shape is this?" and "What colour is the shape?"; for each
 held-out clip, "Is this sound low, medium or high?" and "Is this a tone or a chord?". The
 model scores every possible answer; a question counts as right when the true answer
-scores highest. Chance is the mean of one over the number of answers. Held-out samples
-are attribute combinations no training sample has (see `data/multimodal/demo.py`), so a
-model that only memorised whole captions scores at or below chance.
+scores highest. Chance is the mean of one over the number of answers. The demo set is
+scored on two splits (see `data/multimodal/demo.py`): `heldout`, images and clips never
+trained on (new renders of the trained attribute combinations), and `novel`, attribute
+combinations no training sample has, where a model that memorised whole combinations scores
+at or below chance. A `shards` source is scored as one split, its own `data.shards`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
         with torch.no_grad():
             if not data.multimodal:
                 raise ConfigError([f"data.source={cfg.data.source}: evaluation needs a multimodal source"])
-            return {"iteration": iteration, **_multimodal(cfg, data, model, device, max_samples)}
+            if cfg.data.source == "demo":
+                from megatron_mm.data.multimodal.prepare import prepare_demo
+
+                paths = prepare_demo(cfg)
+                splits = {"heldout": paths["heldout"], "novel": paths["novel"]}
+            else:
+                splits = {"shards": cfg.data.shards}
+            return {"iteration": iteration,
+                    **{name: _multimodal(cfg, data, model, device, shards, max_samples)
+                       for name, shards in splits.items()}}
     finally:
         runtime.shutdown()
 
@@ -92,12 +103,10 @@ def _candidates(kind: str, question: str, key: str, values, label: dict) -> tupl
     return conversations, list(values).index(label[key])
 
 
-def _multimodal(cfg: Config, data: StepData, model, device, max_samples: int) -> dict:
-    from megatron_mm.data.multimodal.prepare import prepare_demo
+def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_samples: int) -> dict:
     from megatron_mm.data.multimodal.stream import open_stream
 
-    heldout = prepare_demo(cfg)["heldout"] if cfg.data.source == "demo" else cfg.data.shards
-    stream = open_stream(cfg, heldout, data.tokenizer, 0, 1, 0, None, log=lambda m: None)
+    stream = open_stream(cfg, shards, data.tokenizer, 0, 1, 0, None, log=lambda m: None)
     formatter, loader = stream.formatter, stream.loader
     right = {"image": 0, "audio": 0}
     asked = {"image": 0, "audio": 0}

@@ -2,22 +2,24 @@
 
 `make_demo_data(out, n, seed)` writes
 
-* `out/train.jsonl` (n rows) and `out/heldout.jsonl`, in the seed JSONL formats that
+* `out/train.jsonl` (n rows), `out/heldout.jsonl` and `out/novel.jsonl`, in the seed JSONL formats that
   `tools/build_shards.py` reads: pretraining `{"text", "image"?, "audio"?}` and
   instruction `{"conversations": [{"from": "human"|"gpt", "value"}], "image"?, "audio"?}`,
   media paths relative to `out`. Every row also has `"task"` and, when it has media,
   `"label"`: `shape`, `colour`, `position`, `count` for an image; `pitch`, `sound`,
   `volume` for audio (both sets of keys for a sample with both). An evaluator scores a
   held-out answer against them (`TASK_LABEL` says which key a question task asks for).
-* `out/media/{train,heldout}/`: PNG or JPEG shapes (`image_size` square, default 32) and
+* `out/media/{train,heldout,novel}/`: PNG or JPEG shapes (`image_size` square, default 32) and
   16 kHz mono 16-bit WAV or FLAC tones/chords of 0.6-1.0 s.
 
 Train rows are images (40 %), audio (30 %), both (10 %) and text-only sentences from the
-built-in corpus (20 %, one sentence each); 30 % of the media rows are instruction questions. Held-out rows
-have media only, and only attribute combinations that no train row has: image
-(shape, colour, placement) and audio (pitch, sound, volume) triples are split by fixed
-rules (`image_is_heldout`, `audio_is_heldout`) so that every shape, colour, placement,
-pitch, sound and volume, and every shape-colour pair, is still seen in training.
+built-in corpus (20 %, one sentence each); 30 % of the media rows are instruction questions.
+Held-out and novel rows have media only. Held-out rows are new renders (their own random
+stream: other sizes, positions, colour jitter, phases) of the attribute combinations the train
+rows use; novel rows are attribute combinations no train row has: image (shape, colour,
+placement) and audio (pitch, sound, volume) triples are split by fixed rules
+(`image_is_heldout`, `audio_is_heldout`) so that every shape, colour, placement, pitch, sound
+and volume, and every shape-colour pair, is still seen in training.
 Everything is fixed by `seed` (`random.Random`, numpy's PCG64 for noise).
 """
 
@@ -116,7 +118,7 @@ class _SplitWriter:
     def __init__(self, out: str, split: str, seed: int, image_size: int):
         self.out, self.split, self.image_size = out, split, image_size
         self.rng = random.Random(f"megatron_mm-demo-{seed}-{split}")
-        heldout = split == "heldout"
+        heldout = split == "novel"  # unseen combinations; "heldout" re-renders the train ones
         self.image_combos = _combos((SHAPES, tuple(COLOURS), tuple(PLACEMENTS)), image_is_heldout, heldout)
         self.audio_combos = _combos((tuple(PITCHES), SOUNDS, tuple(VOLUMES)), audio_is_heldout, heldout)
         os.makedirs(os.path.join(out, "media", split), exist_ok=True)
@@ -197,7 +199,8 @@ def make_demo_data(out: str, n: int, seed: int, heldout: Optional[int] = None, i
                    log: Callable[[str], None] = lambda message: None) -> dict:
     """Write the demo set into `out` (see the module docstring); return the summary.
 
-    `heldout` defaults to n // 10 (at least 1). `out` must not already hold a demo set.
+    `heldout` (the size of the held-out and of the novel split) defaults to n // 10 (at least 1).
+    `out` must not already hold a demo set.
     """
     heldout = max(1, n // 10) if heldout is None else heldout
     if n < 1:
@@ -206,13 +209,14 @@ def make_demo_data(out: str, n: int, seed: int, heldout: Optional[int] = None, i
         raise ValueError(f"heldout={heldout}: must be at least 0")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size}: must be at least {MIN_IMAGE_SIZE}")
-    existing = [name for name in ("train.jsonl", "heldout.jsonl", "media") if os.path.exists(os.path.join(out, name))]
+    existing = [name for name in ("train.jsonl", "heldout.jsonl", "novel.jsonl", "media") if os.path.exists(os.path.join(out, name))]
     if existing:
         raise ValueError(f"out={out}: already holds {', '.join(existing)}; remove them or pick another folder")
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     summary = {"out": out, "seed": seed, "image_size": image_size}
-    for split, count, kinds in (("train", n, TRAIN_KINDS), ("heldout", heldout, HELDOUT_KINDS)):
+    for split, count, kinds in (("train", n, TRAIN_KINDS), ("heldout", heldout, HELDOUT_KINDS),
+                                ("novel", heldout, HELDOUT_KINDS)):
         summary[split] = _write_split(out, split, count, seed, image_size, kinds, log)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary

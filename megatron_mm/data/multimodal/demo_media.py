@@ -55,7 +55,7 @@ def render_image(shape: str, colour: str, placement: str, size: int, rng: random
     A render varies the background shade, the colour (±15 a channel), the size (±15 %)
     and the position (±size/16).
     """
-    background = tuple(rng.randint(15, 60) for _ in range(3))
+    background = tuple(rng.randint(0, 12) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     centres = PLACEMENTS[placement]

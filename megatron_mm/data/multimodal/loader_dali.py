@@ -35,7 +35,7 @@ from nvidia.dali import fn, math as dmath, pipeline_def, types
 
 from megatron_mm.data.multimodal.loader_base import Decoded, MediaLoader
 from megatron_mm.data.multimodal.samples import (
-    DYNAMIC_RANGE, HOP, IMAGE_MEAN, IMAGE_STD, LOG_FLOOR, MEL_BINS, MEL_FMAX, N_FFT, SAMPLE_RATE, MediaSpec,
+    DYNAMIC_RANGE, HOP, LOG_FLOOR, MEL_BINS, MEL_FMAX, N_FFT, SAMPLE_RATE, MediaSpec,
 )
 from megatron_mm.data.multimodal.shard_index import SampleEntry, write_dali_index
 
@@ -61,7 +61,7 @@ def media_pipeline(paths: list[str], index_paths: list[str], spec: MediaSpec, gp
     if raw_image.shape()[0] > 0:
         image = fn.decoders.image(raw_image, device="mixed" if gpu else "cpu", output_type=types.RGB)
         image = fn.resize(image, resize_x=size, resize_y=size)  # linear, antialiased
-        image = fn.crop_mirror_normalize(image, mean=[IMAGE_MEAN] * 3, std=[IMAGE_STD] * 3,
+        image = fn.crop_mirror_normalize(image, mean=list(spec.image_mean), std=list(spec.image_std),
                                          output_layout="CHW", dtype=types.FLOAT)
     else:
         image = fn.constant(fdata=0.0, shape=[3, size, size], layout="CHW", device="gpu" if gpu else "cpu")

@@ -79,12 +79,13 @@ def stream_shard(entries: list[SampleEntry]) -> Iterator[tuple[int, Optional[dic
         yield missing, None, errors.by_key.get(entries[missing].key)
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """[3, size, size] float32: RGB, bilinear resize (no crop), (x/255 - 0.5) / 0.5."""
+def decode_image(data: bytes, size: int, mean=(IMAGE_MEAN,) * 3, std=(IMAGE_STD,) * 3) -> torch.Tensor:
+    """[3, size, size] float32: RGB, bilinear resize (no crop), (x - mean) / std per channel."""
     with Image.open(io.BytesIO(data)) as image:
         rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    return ((pixels - IMAGE_MEAN) / IMAGE_STD).contiguous()
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
 
 
 def decode_audio(data: bytes, frames: int) -> torch.Tensor:
@@ -108,7 +109,7 @@ def decode_sample(sample: Optional[dict], error: Optional[str], spec: MediaSpec)
     if len(images) > 1 or len(audios) > 1:
         return f"more than one member of a kind ({', '.join(images + audios)})"
     try:
-        image = decode_image(sample[images[0]], spec.image_size) if images else None
+        image = decode_image(sample[images[0]], spec.image_size, spec.image_mean, spec.image_std) if images else None
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         return f"{images[0]} does not decode ({type(err).__name__}: {err})"
     try:

@@ -17,7 +17,7 @@ from megatron_mm.data.multimodal.demo import make_demo_data
 from megatron_mm.data.multimodal.shards import build_shards
 from megatron_mm.data.multimodal.text import train_multimodal_tokenizer
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_SEED = 0  # the demo set is fixed; train.seed only changes initialisation and order
 
 
@@ -29,12 +29,14 @@ def demo_dir(cfg: Config) -> str:
 
 
 def prepare_demo(cfg: Config) -> dict:
-    """Build (once) and return the demo set's paths: train/heldout shards and jsonl, tokenizer."""
+    """Build (once) and return the demo set's paths: train/heldout/novel shards and jsonl, tokenizer."""
     final = demo_dir(cfg)
     paths = {
         "train": os.path.join(final, "train"), "heldout": os.path.join(final, "heldout"),
+        "novel": os.path.join(final, "novel"),
         "train_jsonl": os.path.join(final, "raw", "train.jsonl"),
         "heldout_jsonl": os.path.join(final, "raw", "heldout.jsonl"),
+        "novel_jsonl": os.path.join(final, "raw", "novel.jsonl"),
         "tokenizer": os.path.join(final, "tokenizer.model"),
     }
     if os.path.isdir(final):
@@ -44,7 +46,7 @@ def prepare_demo(cfg: Config) -> dict:
     def build(folder: str) -> None:
         image_size = cfg.model.vision.image_size if cfg.model.vision else 32
         make_demo_data(os.path.join(folder, "raw"), cfg.data.demo_samples, DEMO_SEED, image_size=image_size)
-        for split in ("train", "heldout"):
+        for split in ("train", "heldout", "novel"):
             summary = build_shards(os.path.join(folder, "raw", f"{split}.jsonl"), os.path.join(folder, split),
                                    samples_per_shard=500)
             if summary["bad"]:

@@ -22,17 +22,20 @@ MEL_BINS = 80
 MEL_FMAX = 8000.0
 LOG_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the clip's maximum
-IMAGE_MEAN = IMAGE_STD = 127.5  # (x/255 - 0.5) / 0.5 == (x - 127.5) / 127.5
+IMAGE_MEAN = IMAGE_STD = 127.5  # default: (x/255 - 0.5) / 0.5 == (x - 127.5) / 127.5 (SigLIP)
 # The text side's placeholders (megatron_mm.data.tokenizer IMAGE_TOKEN / AUDIO_TOKEN).
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
 
 
 @dataclass(frozen=True)
 class MediaSpec:
-    """Output sizes: images [3, image_size, image_size], mels [80, mel_frames]."""
+    """Output sizes: images [3, image_size, image_size] as (RGB - image_mean) / image_std
+    (0-255 scale), mels [80, mel_frames]."""
 
     image_size: int = 32  # model.vision.image_size
     mel_frames: int = 100  # model.audio.max_frames (100 frames = 1 s)
+    image_mean: tuple[float, float, float] = (IMAGE_MEAN,) * 3  # model.vision.image_mean
+    image_std: tuple[float, float, float] = (IMAGE_STD,) * 3  # model.vision.image_std
 
     def __post_init__(self):
         if self.image_size < 1 or self.mel_frames < 1:

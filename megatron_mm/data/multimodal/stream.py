@@ -96,8 +96,9 @@ def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, positio
     from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
 
     m, d = cfg.model, cfg.data
-    spec = MediaSpec(image_size=m.vision.image_size if m.vision else 32,
-                     mel_frames=m.audio.max_frames if m.audio else 100)
+    spec = MediaSpec(mel_frames=m.audio.max_frames if m.audio else 100,
+                     **(dict(image_size=m.vision.image_size, image_mean=tuple(m.vision.image_mean),
+                             image_std=tuple(m.vision.image_std)) if m.vision else {}))
     common = dict(spec=spec, dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
                   cache_dir=os.path.join(os.path.expanduser(d.cache_dir), "shard-index"), log=log)
     if d.loader == "dali":
