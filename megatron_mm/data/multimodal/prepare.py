@@ -17,7 +17,7 @@ from megatron_mm.data.multimodal.demo import make_demo_data
 from megatron_mm.data.multimodal.shards import build_shards
 from megatron_mm.data.multimodal.text import train_multimodal_tokenizer
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 DEMO_SEED = 0  # the demo set is fixed; train.seed only changes initialisation and order
 
 
