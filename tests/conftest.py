@@ -18,9 +18,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run pretraining on `nproc` gloo ranks with the quickstart config plus overrides."""
-    args = ["--config", QUICKSTART] + [a for o in overrides for a in ("--set", o)]
+def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool = True,
+             config: str = QUICKSTART) -> subprocess.CompletedProcess:
+    """Run pretraining on `nproc` gloo ranks with the quickstart config (or `config`) plus overrides."""
+    args = ["--config", config] + [a for o in overrides for a in ("--set", o)]
     script = os.path.join(ROOT, "launch", "pretrain.py")
     if nproc == 1:
         cmd = [sys.executable, script] + args

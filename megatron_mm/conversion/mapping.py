@@ -207,11 +207,23 @@ def model_config_from_hf(config: dict) -> ModelConfig:
                      original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
                      beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
                      mscale=float(rope.get("mscale") or 1.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0))
-        expected = _yarn_mscale(factor, shape["mscale"]) / _yarn_mscale(factor, shape["mscale_all_dim"])
+        if rope.get("truncate") is False:
+            raise ConversionError("config.json: rope_parameters.truncate=false: megatron rounds YaRN's correction "
+                                  "range to integers")
+        # transformers' cos/sin scale: attention_factor if given, else mscale/mscale_all_dim only when
+        # both are set (otherwise the plain YaRN 0.1 ln(factor) + 1); megatron always uses the ratio.
         given = rope.get("attention_factor")
-        if given is not None and abs(given - expected) > 1e-6:
-            raise ConversionError(f"config.json: rope_parameters.attention_factor={given} differs from megatron's "
-                                  f"mscale/mscale_all_dim ratio {expected:.6f}")
+        mscale_set, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        hf_factor = given if given is not None else (
+            _yarn_mscale(factor, mscale_set) / _yarn_mscale(factor, all_dim) if mscale_set and all_dim
+            else _yarn_mscale(factor, 1.0))
+        for candidate in (shape["mscale"], 1.0):
+            if abs(_yarn_mscale(factor, candidate) / _yarn_mscale(factor, shape["mscale_all_dim"]) - hf_factor) < 1e-6:
+                shape["mscale"] = candidate
+                break
+        else:
+            raise ConversionError(f"config.json: YaRN attention factor {hf_factor:.6f} cannot be expressed as "
+                                  f"megatron's mscale/mscale_all_dim ratio (mscale_all_dim={shape['mscale_all_dim']})")
     elif rope_type != "default":
         raise ConversionError(f"config.json: rope_parameters.rope_type={rope_type!r}: only default and yarn are converted")
     merged = {**{k: v for k, v in ours.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}, **shape}
@@ -224,12 +236,17 @@ def model_config_from_hf(config: dict) -> ModelConfig:
 
 
 def compare_model_configs(a: ModelConfig, b: ModelConfig, what_a: str, what_b: str) -> None:
-    """Raise ConversionError listing the shape fields in which two model configs differ."""
+    """Raise ConversionError listing the fields that decide weights or outputs in which two
+    model configs differ (training-only settings such as seq_length may differ)."""
     shape_fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
                     "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
                     "moe_ffn_hidden_size", "moe_router_topk", "num_shared_experts", "first_k_dense_layers",
                     "mtp_num_layers", "vocab_size", "share_embeddings_and_output_weights", "rope_type",
-                    "router_topk_scaling_factor", "router_num_groups", "router_group_topk")
+                    "router_topk_scaling_factor", "router_num_groups", "router_group_topk",
+                    "router_score_function", "router_expert_bias", "rotary_base", "norm_epsilon")
+    if a.rope_type == "yarn" or b.rope_type == "yarn":
+        shape_fields += ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                         "mscale", "mscale_all_dim")
     diffs = [f"model.{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}" for f in shape_fields
              if getattr(a, f) != getattr(b, f)]
     if diffs:

@@ -102,7 +102,7 @@ def _language_model_items(m, read):
         yield "lm_head.weight", read("output_layer.weight")
 
 
-def write_tokenizer(path: str, out: str, m) -> dict:
+def write_tokenizer(path: str, out: str, m, max_positions: int) -> dict:
     """Copy a sentencepiece model and describe it for `AutoTokenizer`; return special ids."""
     import sentencepiece as spm
 
@@ -119,7 +119,7 @@ def write_tokenizer(path: str, out: str, m) -> dict:
         # transformers turns tokenizer.model into its fast tokenizer on load (Llama's sentencepiece
         # conventions); our data pipeline adds no BOS/EOS while encoding, so neither does this.
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
-        "model_max_length": m.seq_length, **{k: v for k, v in special.items() if v is not None},
+        "model_max_length": max_positions, **{k: v for k, v in special.items() if v is not None},
     }
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -152,7 +152,8 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     if tokenizer is None and (token_path is None or not os.path.exists(token_path)):
         raise ConversionError(f"tokenizer: the run's tokenizer ({token_path or 'data.source=' + cfg.data.source}) is "
                               "not on this machine; pass --tokenizer PATH (a sentencepiece .model) or --tokenizer none")
-    ids = write_tokenizer(token_path, out, m) if token_path else {}
+    max_positions = mapping.hf_config(m, torch.float32)["max_position_embeddings"]  # (also: can DeepseekV3 express m?)
+    ids = write_tokenizer(token_path, out, m, max_positions) if token_path else {}
 
     hf_cfg = mapping.hf_config(m, dtype or saved["embedding.word_embeddings.weight"][1], ids.get("bos"), ids.get("eos"))
 

@@ -98,6 +98,7 @@ def compare(pairs: list[tuple[str, str]], batch: int = 2, seed: int = 0) -> list
     """For each (megatron checkpoint, converted HF folder): max |logit difference| of the main
     head and of each MTP depth, on the same random tokens (and media)."""
     from megatron_mm.conversion.dcp import DistCheckpointReader
+    from megatron_mm.conversion.mapping import compare_model_configs
     from megatron_mm.conversion.to_hf import config_of_checkpoint
 
     results = []
@@ -107,8 +108,11 @@ def compare(pairs: list[tuple[str, str]], batch: int = 2, seed: int = 0) -> list
         hf = load_pretrained(hf_folder, dtype=torch.float32, attn_implementation="eager")
         if reference is None:
             reference = MegatronReference(cfg, hf.placeholder_ids)
-        elif dataclasses.asdict(reference.cfg.model) != dataclasses.asdict(cfg.model):
-            raise ValueError("compare: all checkpoints of one call must share the model config")
+        else:  # one megatron model serves every pair: their configs must agree on the numerics
+            compare_model_configs(cfg.model, reference.cfg.model, checkpoint_path, pairs[0][0])
+            for kind in ("vision", "audio"):
+                if dataclasses.asdict(cfg.model).get(kind) != dataclasses.asdict(reference.cfg.model).get(kind):
+                    raise ValueError(f"compare: {checkpoint_path} has another model.{kind} than {pairs[0][0]}")
         reference.load(checkpoint_path)
         tokens, images, mels = sample_inputs(cfg, hf.placeholder_ids, batch, seed)
         want, want_mtp = reference.logits(tokens, images, mels)
