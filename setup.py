@@ -24,6 +24,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
         # DALI's CPU pipelines run the media-loader tests on machines without a GPU.
-        "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120"],
+        "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors", "protobuf"],
+        # Loading converted folders (megatron_mm.conversion.hf_model) and checking conversions
+        # (tools/verify_hf.py); the converters themselves need neither.
+        "hf": ["transformers>=5.24,<6", "safetensors", "protobuf"],
     },
 )

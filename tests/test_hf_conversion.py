@@ -1,7 +1,7 @@
 """Hugging Face conversion: megatron checkpoints saved under TP1, TP2, PP2, EP2 and
-TP2xPP2xEP2 (two structurally different tiny models, two training steps so that weights and
-expert biases have moved) convert to DeepseekV3ForCausalLM folders whose transformers logits
-equal the megatron model's; HF -> megatron -> HF is lossless; the converted checkpoint resumes
+TP2xPP2xEP2 (and PP2xVPP2 for one of them) of two structurally different tiny models, after
+two training steps so that weights and expert biases have moved, convert to
+DeepseekV3ForCausalLM folders whose transformers logits equal the megatron model's; HF -> megatron -> HF is lossless; the converted checkpoint resumes
 training under another layout; bad inputs stop with one clear line."""
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ LAYOUTS = {
     # 8 ranks' with DP2 would write; 8 gloo ranks cost twice the start-up on 2 cores)
     "tp2_pp2_ep2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
 }
+EXTRA_LAYOUTS = {"tiny": {"pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"])}}  # interleaved: layers 0,2 | 1,3
+CASES = [(name, layout) for name in CONFIGS for layout in {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})}]
 TRAIN = ["train.steps=2", "train.scheduler.warmup_steps=0", "train.global_batch_size=8", "train.micro_batch_size=1",
          "logging.tensorboard=false", "logging.interval=1", "checkpoint.save_interval=0"]
 # fp32 on CPU: the two implementations sum in different orders. Observed <= 3e-6.
@@ -67,7 +69,7 @@ def converted(tmp_path_factory, data_cache):
     out = {}
     for name, config in CONFIGS.items():
         pairs = []
-        for layout, (nproc, sets) in LAYOUTS.items():
+        for layout, (nproc, sets) in {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})}.items():
             run = root / f"{name}-{layout}"
             # tiny_alt on one rank: 3 steps, saving at 2 too (the resume test starts from 2)
             extra = ["train.steps=3", "checkpoint.save_interval=2"] if (name, layout) == ("tiny_alt", "tp1") else []
@@ -90,15 +92,15 @@ def converted(tmp_path_factory, data_cache):
     return out
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name,layout", CASES, ids=[f"{n}-{lay}" for n, lay in CASES])
 def test_transformers_logits_equal_megatron(converted, name, layout):
     row = converted[(name, layout)]
     tol = tolerance(row["logits_max_abs"])
     assert row["logits_max_abs_diff"] <= tol, row
     if name == "tiny_alt":  # one MTP layer: its logits through transformers' MtpModel
         assert row["mtp_1_max_abs_diff"] <= tol, row
-    print(f"{name} {layout}: max |logit diff| {row['logits_max_abs_diff']:.2e} (max |logit| "
+    mtp = f", MTP {row['mtp_1_max_abs_diff']:.2e}" if "mtp_1_max_abs_diff" in row else ""
+    print(f"{name} {layout}: max |logit diff| {row['logits_max_abs_diff']:.2e}{mtp} (max |logit| "
           f"{row['logits_max_abs']:.2f}, tolerance {tol:.0e})")
 
 

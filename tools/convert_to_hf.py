@@ -17,7 +17,6 @@ rss_after_imports_gib).
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -45,8 +44,10 @@ def main(argv=None) -> int:
     from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
     from megatron_mm.conversion.to_hf import config_of_checkpoint, convert_to_hf
 
+    from megatron_mm.conversion.progress import peak_rss_gib
+
     start = time.time()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # after imports
+    baseline = peak_rss_gib()  # after imports
     try:
         cfg = None
         if args.config or args.overrides:
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         print(f"conversion error: {err}".replace("\n", "\nconversion error: "), file=sys.stderr)
         return 2
     summary["seconds"] = round(time.time() - start, 2)
-    summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    summary["peak_rss_gib"] = round(peak_rss_gib(), 3)
     summary["rss_after_imports_gib"] = round(baseline, 3)
     print(json.dumps(summary))
     return 0

@@ -11,9 +11,9 @@ whatever TP/PP/EP/VPP layout saved them, so reading a key here gives the full te
 layout. `DistCheckpointReader.read` asks DCP's own `FileSystemReader` for exactly the chunks
 that overlap one tensor (or one expert of it), so memory stays at what one read needs.
 
-`DistCheckpointWriter` writes the same format from full tensors, one at a time, each split
-into the chunks the given layout's ranks would have saved (`chunks`), so megatron-core
-loads (and reshards) it like one it wrote itself.
+`DistCheckpointWriter` writes the same format chunk by chunk (the caller splits tensors the
+way the ranks of a layout would hold them, see `from_hf.Layout`), plus megatron's
+`metadata.json` and `common.pt`, so megatron-core loads (and reshards) it like one it wrote.
 """
 
 from __future__ import annotations
@@ -207,7 +207,10 @@ class DistCheckpointWriter:
                                   f"now {tuple(shape)} {dtype}")
         pending = self._file(rank)
         start = pending.handle.tell()
-        torch.save(part.detach().to(dtype).contiguous().clone(), pending.handle)  # clone: only the chunk's bytes
+        part = part.detach().to(dtype).contiguous()
+        if part.untyped_storage().nbytes() != part.numel() * part.element_size():
+            part = part.clone()  # a view: torch.save would write its whole storage
+        torch.save(part, pending.handle)
         self.storage_data[MetadataIndex(key, offsets)] = _storage_info(pending.path, start, pending.handle.tell() - start)
         md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(part.shape)))
 

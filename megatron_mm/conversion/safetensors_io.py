@@ -63,7 +63,8 @@ class ShardWriter:
             raise ConversionError(f"internal: {os.path.basename(self.path)} expected {want} {tuple(shape)}, "
                                   f"got {name} {tuple(tensor.shape)}")
         data = tensor.detach().to(dtype).contiguous().cpu()
-        self.handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self.handle.write(memoryview(data.view(-1).view(torch.uint8).numpy()))  # no copy
         self.next += 1
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from megatron_mm.config import Config, ConfigError, _build, to_dict
 from megatron_mm.conversion import mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
 from megatron_mm.conversion.progress import Progress
-from megatron_mm.conversion.safetensors_io import DTYPES, ShardWriter, nbytes, write_index
+from megatron_mm.conversion.safetensors_io import ShardWriter, nbytes, write_index
 
 ENCODERS_FILE = "encoders.safetensors"
 OURS_FILE = "megatron_mm.json"
