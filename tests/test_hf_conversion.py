@@ -202,10 +202,12 @@ def test_converted_checkpoint_matches_megatron_keys_and_resumes(converted, tmp_p
 
 def test_multimodal_checkpoint_converts_with_its_encoders(tmp_path, data_cache):
     """The multimodal model: DeepseekV3 language model + our encoders; one call loads the whole,
-    whose logits on tokens with image and audio placeholders equal megatron's."""
+    whose logits on tokens with image and audio placeholders equal megatron's. (The resampler
+    projector: its path runs the MLP projector's too.)"""
     run = tmp_path / "mm"
     pretrain(1, ["train.steps=0", f"data.cache_dir={data_cache}", "data.demo_samples=40", "data.loader=torch",
-                 "logging.tensorboard=false", f"run.dir={run}"], config=os.path.join(ROOT, "configs", "quickstart.yaml"))
+                 "model.vision.projector=resampler", "logging.tensorboard=false", f"run.dir={run}"],
+             config=os.path.join(ROOT, "configs", "quickstart.yaml"))
     hf = str(tmp_path / "hf")
     convert_to_hf(str(run / "checkpoints"), hf, progress=False)
     assert os.path.exists(os.path.join(hf, "encoders.safetensors"))

@@ -107,22 +107,33 @@ class _Projector(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
+class _CrossAttention(nn.Module):
+    """megatron CrossAttention with our spec: q from the queries, fused kv (per head [k; v])
+    from the features, no mask, biases."""
+
+    def __init__(self, h: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.linear_q, self.linear_kv, self.linear_proj = nn.Linear(h, h), nn.Linear(h, 2 * h), nn.Linear(h, h)
+
+    def forward(self, queries, features):  # [b, q, h], [b, t, h] -> [b, q, h]
+        b, t, h = features.shape
+        q = _heads(self.linear_q(queries), self.heads)
+        kv = self.linear_kv(features).view(b, t, self.heads, 2, h // self.heads)
+        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+        return self.linear_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, h))
+
+
 class _Resampler(nn.Module):
     def __init__(self, h: int, heads: int, num_queries: int, eps: float):
         super().__init__()
-        self.heads = heads
         self.queries = nn.Parameter(torch.zeros(num_queries, h))
         self.norm = _RMSNorm(h, eps)
-        self.linear_q, self.linear_kv, self.linear_proj = nn.Linear(h, h), nn.Linear(h, 2 * h), nn.Linear(h, h)
+        self.attention = _CrossAttention(h, heads)
 
     def forward(self, x):  # [b, t, h] -> [b, q, h]
-        b, t, h = x.shape
-        queries = self.queries.unsqueeze(0).expand(b, -1, -1)
-        q = _heads(self.linear_q(queries), self.heads)
-        kv = self.linear_kv(self.norm(x)).view(b, t, self.heads, 2, h // self.heads)
-        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, h)
-        return queries + self.linear_proj(out)
+        queries = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return queries + self.attention(queries, self.norm(x))
 
 
 class VisionEncoder(nn.Module):
