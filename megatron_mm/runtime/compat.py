@@ -227,28 +227,57 @@ def _router_gemm_without_te() -> None:
 # without apex/TE (`not HAVE_APEX_OR_TE`), asserts that every parameter's torch Adam state
 # has a `step`; a fresh optimizer (building the sharded state dict to resume into, before
 # any step) has none. Give empty states a temporary step 0 while the state dict is read,
-# then empty them again so megatron-core's loader finds a fresh optimizer.
+# then empty them again so megatron-core's loader finds a fresh optimizer. The same assert
+# fails for an optimizer with no parameter at all (the expert optimizer of a pipeline stage
+# that holds only dense layers, e.g. first_k_dense_layers=2 under PP2 with EP): it then gets
+# a placeholder state entry (not a parameter's; only its step is read) for the same moment,
+# whose step is its ChainedOptimizer siblings' step: the param groups' step is saved under a
+# key shared by all pipeline stages, so an empty optimizer's step reaches every stage's
+# expert optimizer on load (and ChainedOptimizer._synchronize_steps wants them all equal).
 
 
 def _optimizer_state_before_first_step() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
 
     original = DistributedOptimizer.state_dict
+    sibling_step: dict = {"value": None}
+
+    def with_sibling_step(method):
+        def wrapped(self, *args, **kwargs):
+            steps = {float(state["step"]) for opt in self.chained_optimizers
+                     for state in getattr(getattr(opt, "optimizer", None), "state", {}).values()
+                     if isinstance(state, dict) and "step" in state}
+            sibling_step["value"] = max(steps) if steps else None
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                sibling_step["value"] = None
+
+        return wrapped
+
+    ChainedOptimizer.sharded_state_dict = with_sibling_step(ChainedOptimizer.sharded_state_dict)
+    ChainedOptimizer.state_dict = with_sibling_step(ChainedOptimizer.state_dict)
 
     def state_dict(self):
         inner = self.optimizer
         filled = []
+        placeholder = "megatron_mm: no parameters"
         if isinstance(inner, torch.optim.Adam):
             for group in inner.param_groups:
                 for param in group["params"]:
                     if not inner.state[param]:
                         inner.state[param]["step"] = torch.tensor(0.0)
                         filled.append(param)
+            if not any(group["params"] for group in inner.param_groups):
+                inner.state[placeholder] = {"step": torch.tensor(sibling_step["value"] or 0.0)}
         try:
             return original(self)
         finally:
             for param in filled:
                 inner.state.pop(param, None)
+            if isinstance(inner, torch.optim.Adam):
+                inner.state.pop(placeholder, None)
 
     DistributedOptimizer.state_dict = state_dict
 

@@ -138,8 +138,10 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
     weights_only = optimizer is None
     with_optimizer = common.get("has_optimizer", True) and not weights_only
+    # A converted checkpoint (tools/convert_from_hf.py) has no RNG states: re-seed as for a new layout.
+    has_rng = common.get("has_rng_state", True)
     state = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optimizer)
-    if weights_only or not same_layout:
+    if weights_only or not same_layout or not has_rng:
         state.pop("rng_state")
     try:
         # megatron-core's naming: "missing" = in the checkpoint but not asked for,
@@ -153,8 +155,9 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
             f"e.g. {sorted(absent)[:3]}"
         )
     # Skipped on purpose: RNG of another layout; everything but weights when loading weights only.
+    # (optimizer keys are "optimizer.*", or "chained_N.optimizer.*" when MoE gives two optimizers)
     not_requested = {key for key in not_requested
-                     if key != "rng_state" and not (weights_only and key.startswith("optimizer"))}
+                     if key != "rng_state" and not (weights_only and key.startswith(("optimizer", "chained_")))}
     if not_requested:
         raise CheckpointError(
             f"checkpoint.load={folder}: the checkpoint has {len(not_requested)} key(s) this model does "
@@ -168,8 +171,10 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     note = None
     if weights_only:
         pass
-    elif same_layout:
+    elif same_layout and has_rng:
         runtime.restore_rng_state(loaded["rng_state"])
+    elif not has_rng:
+        note = f"converted from {common.get('converted_from', 'another format')}: RNG states seeded afresh"
     else:
         note = f"layout changed from {common.get('layout')}: RNG states re-seeded, not restored"
     return iteration, note, common.get("data_state") or {}

@@ -1,0 +1,69 @@
+"""Hugging Face DeepseekV3 folder -> megatron-core dist checkpoint that launch/pretrain.py
+resumes from (`--set checkpoint.load=OUT`) under any layout.
+
+    python tools/convert_from_hf.py --hf hf_out --out ckpt_from_hf [--tp 2 --pp 2 --ep 2]
+    python launch/pretrain.py --config configs/quickstart_text.yaml --set checkpoint.load=ckpt_from_hf
+
+The model shape comes from config.json (a folder written by convert_to_hf also brings our
+training settings and encoders). --tp/--pp/--ep/--etp/--vpp choose the layout whose ranks'
+chunks the checkpoint is written as (default one rank); megatron reshards on load, so any
+layout resumes from it. --config FILE [--set k=v] gives the rest of the stored config and
+must agree with config.json on the model. Streams: memory holds about one tensor.
+Last stdout line: one JSON object (out, iteration, tensors, files, layout, seconds, peak_rss_gib,
+rss_after_imports_gib).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="Hugging Face model folder")
+    parser.add_argument("--out", required=True, help="checkpoints folder to write (iter_N + tracker)")
+    for name in ("tp", "pp", "ep", "etp"):
+        parser.add_argument(f"--{name}", type=int, default=1, help=f"parallel.{name} of the written layout")
+    parser.add_argument("--vpp", type=int, default=None, help="parallel.vpp of the written layout")
+    parser.add_argument("--iteration", type=int, default=0, help="iteration number to write (training resumes after it)")
+    parser.add_argument("--config", default=None, help="YAML config for the non-model sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from megatron_mm.config import ConfigError, ParallelConfig, load_config
+    from megatron_mm.conversion.dcp import ConversionError
+    from megatron_mm.conversion.from_hf import convert_from_hf
+
+    from megatron_mm.conversion.progress import peak_rss_gib
+
+    start = time.time()
+    baseline = peak_rss_gib()  # after imports
+    try:
+        base = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+        parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
+                                  sequence_parallel=args.tp > 1)
+        summary = convert_from_hf(args.hf, args.out, parallel, base,
+                                  dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+                                  iteration=args.iteration, progress=not args.no_progress)
+    except (ConversionError, ConfigError) as err:
+        print(f"conversion error: {err}".replace("\n", "\nconversion error: "), file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.time() - start, 2)
+    summary["peak_rss_gib"] = round(peak_rss_gib(), 3)
+    summary["rss_after_imports_gib"] = round(baseline, 3)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
