@@ -215,6 +215,9 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None: <run.dir>/checkpoints
     save_interval: int = 0  # 0: only at the end and on SIGTERM
     load: Optional[str] = None  # a checkpoints folder (latest iteration) or an iter_* folder
+    # false: take only the weights and start a new run at step 0 (fresh optimizer, schedule and
+    # data position), e.g. LLaVA stage 2 after a stage 1 that trained the projectors alone
+    load_optimizer: bool = True
     save_on_sigterm: bool = True
     save_at_end: bool = True  # false for benchmarks: nothing is written after the last step
 

@@ -19,6 +19,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from conftest import QUICKSTART_MULTIMODAL, losses, pretrain
 
@@ -138,3 +139,28 @@ def test_resume_is_bit_exact_and_changes_data_parallel_size(reference, tmp_path)
     dp2 = losses(f"{tmp_path}/dp2")
     assert sorted(dp2) == list(range(RESUME_AT + 1, STEPS + 1))
     assert all(0 < loss < 10 for loss in dp2.values())
+
+
+def test_two_stage_llava_training(reference, tmp_path):
+    """Stage 1 trains the projectors alone (encoders and language model frozen); stage 2
+    starts from its weights with a fresh optimizer (checkpoint.load_optimizer=false) and
+    trains everything. Read back from the checkpoints: stage 1 changed exactly the projector
+    tensors, stage 2 changed the rest too."""
+    from megatron_mm.conversion.dcp import DistCheckpointReader
+
+    data = reference["data"]
+    frozen = ["train.freeze.vision_encoder=true", "train.freeze.audio_encoder=true",
+              "train.freeze.language_model=true"]
+    run(1, data + frozen + [f"checkpoint.load={reference['init']}", "train.steps=2", f"run.dir={tmp_path}/stage1"])
+    run(1, data + [f"checkpoint.load={tmp_path}/stage1/checkpoints", "checkpoint.load_optimizer=false",
+                   "train.steps=2", f"run.dir={tmp_path}/stage2"])
+    assert sorted(losses(f"{tmp_path}/stage2")) == [1, 2]  # a new run: steps count from 1
+    readers = [DistCheckpointReader(path) for path in
+               (reference["init"], f"{tmp_path}/stage1/checkpoints", f"{tmp_path}/stage2/checkpoints")]
+    keys = [k for k in readers[0].tensor_keys() if not k.endswith("_extra_state")]
+    changed = {stage: {k for k in keys if not torch.equal(readers[stage - 1].read(k), readers[stage].read(k))}
+               for stage in (1, 2)}
+    projectors = {k for k in keys if ".projector." in k}
+    assert projectors and changed[1] == projectors  # the routers' expert biases too stay put
+    assert {k for k in keys if k.startswith(("vision.transformer", "audio.transformer", "decoder."))
+            and k.endswith("weight")} <= changed[2]

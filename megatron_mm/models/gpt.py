@@ -36,7 +36,8 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
             moe_router_topk=m.moe_router_topk,
             moe_router_score_function=m.router_score_function,
             moe_router_enable_expert_bias=m.router_expert_bias,
-            moe_router_bias_update_rate=m.router_bias_update_rate,
+            # A frozen language model keeps its routing too (the bias update is not an optimizer step).
+            moe_router_bias_update_rate=0.0 if cfg.train.freeze.language_model else m.router_bias_update_rate,
             moe_router_topk_scaling_factor=m.router_topk_scaling_factor,
             moe_router_num_groups=m.router_num_groups,
             moe_router_group_topk=m.router_group_topk,

@@ -288,7 +288,10 @@ def _train(cfg: Config, env, hardware, device) -> dict:
 
     # Resume.
     start, data_state = 0, {}
-    if cfg.checkpoint.load:
+    if cfg.checkpoint.load and not cfg.checkpoint.load_optimizer:
+        iteration, _, _ = checkpoint.load(cfg.checkpoint.load, model, None, None, cfg)
+        log0(f"weights from {cfg.checkpoint.load} (iteration {iteration}); optimizer, schedule and data start afresh")
+    elif cfg.checkpoint.load:
         start, note, data_state = checkpoint.load(cfg.checkpoint.load, model, optimizer, scheduler, cfg)
         log0(f"resumed from {cfg.checkpoint.load} at step {start}" + (f" ({note})" if note else ""))
     data.start(data_state)
