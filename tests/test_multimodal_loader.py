@@ -163,3 +163,27 @@ def test_torch_workers_keep_order(bad_shards, tmp_path):
 def test_no_shards(tmp_path):
     with pytest.raises(ValueError, match="no .tar shards"):
         TorchMediaLoader(str(tmp_path), cache_dir=str(tmp_path))
+
+
+def test_training_runs_through_bad_samples(bad_shards, data_cache, tmp_path):
+    """A multimodal run over shards with a corrupt image, an undecodable one, a missing audio
+    member, an empty caption and a truncated tar: it trains its steps, names each bad
+    sample once and counts them in metrics.jsonl's `data_skipped`."""
+    from conftest import QUICKSTART_MULTIMODAL, pretrain
+
+    from megatron_mm.config import load_config
+    from megatron_mm.data.multimodal.prepare import prepare_demo
+
+    cache = [f"data.cache_dir={data_cache}", "data.demo_samples=200"]
+    tokenizer = prepare_demo(load_config(QUICKSTART_MULTIMODAL, cache))["tokenizer"]  # any tokenizer with <image>/<audio>
+    proc = pretrain(1, cache + ["data.source=shards", f"data.shards={bad_shards}", f"data.tokenizer={tokenizer}",
+                                "train.steps=3", "train.scheduler.warmup_steps=1", "train.global_batch_size=2",
+                                "train.micro_batch_size=1",
+                                "logging.interval=1", "logging.tensorboard=false", f"run.dir={tmp_path}"],
+                    config=QUICKSTART_MULTIMODAL)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in BAD_KEYS:
+        assert f"skipped sample {key}" in proc.stdout + proc.stderr, key
+    assert rows[-1]["data_skipped"] >= len(BAD_KEYS)
