@@ -39,11 +39,12 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_mm.training.checkpoint_files import TRACKER
+
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist", "sharded_backend_version": 1,
     "common_backend": "torch", "common_backend_version": 1,
 }
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 class ConversionError(RuntimeError):

@@ -24,10 +24,11 @@ import torch
 
 from megatron_mm.config import Config, ConfigError, Hardware, ParallelConfig, _build, to_dict, validate
 from megatron_mm.conversion import mapping
-from megatron_mm.conversion.dcp import TRACKER, ConversionError, DistCheckpointWriter
+from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
 from megatron_mm.conversion.to_hf import OURS_FILE
+from megatron_mm.training.checkpoint_files import iteration_dir, layout_of, publish
 
 
 def read_hf_config(folder: str) -> tuple[dict, dict]:
@@ -153,8 +154,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
             raise ConversionError(f"{path}: unknown key {stray[0]} (no encoder of that kind in {OURS_FILE})")
 
     layout = Layout(cfg.parallel, m.num_layers)
-    final = os.path.join(out, f"iter_{iteration:07d}")
-    partial = final + ".partial"
+    partial = iteration_dir(out, iteration) + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     writer = DistCheckpointWriter(partial)
     dtype_of = lambda t: t.dtype if dtype is None or not t.is_floating_point() else dtype  # noqa: E731
@@ -202,16 +202,10 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     common = {
         "iteration": iteration, "has_optimizer": False, "has_rng_state": False,
         "scheduler": {}, "config": to_dict(cfg), "data_state": {},
-        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "etp": cfg.parallel.etp,
-                   "vpp": cfg.parallel.vpp, "world_size": world},
+        "layout": layout_of(cfg, world),
         "converted_from": os.path.abspath(hf),
     }
     writer.finish(common)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(partial, final)
-    tmp = os.path.join(out, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-    os.replace(tmp, os.path.join(out, TRACKER))
+    final = publish(out, partial, iteration)
     return {"out": final, "iteration": iteration, "tensors": len(writer.state_dict_metadata),
             "files": len(writer.files), "layout": common["layout"]}

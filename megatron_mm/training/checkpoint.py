@@ -25,25 +25,14 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, to_dict
-from megatron_mm.models import pipeline_split
 from megatron_mm.runtime import distributed as runtime
+from megatron_mm.training.checkpoint_files import TRACKER, iteration_dir, layout_of, publish
 
-TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that was asked for but cannot be used."""
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def layout_of(cfg: Config, world_size: int) -> dict:
-    p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "vpp": p.vpp, "world_size": world_size,
-            "stage_layers": pipeline_split.plan(cfg).layers}
 
 
 def resolve(path: str) -> tuple[str, int]:
@@ -119,12 +108,7 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
     dist_checkpointing.save(state, partial, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
     if rank0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(partial, final)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
+        publish(root, partial, iteration)
     torch.distributed.barrier()
     return final
 
