@@ -143,6 +143,10 @@ class ParallelConfig:
     # encoders' cost on stage 0 (models/pipeline_split.py); otherwise null is the even split.
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    # Activation recomputation: none, or full (every decoder layer keeps only its input and
+    # recomputes its forward during backward: megatron-core's recompute_granularity=full,
+    # recompute_method=uniform, recompute_num_layers=1).
+    recompute: str = "none"
 
 
 @dataclass
@@ -208,6 +212,11 @@ class DataConfig:
     loader_threads: int = 2
     demo_samples: int = 2000  # train samples of the demo set (held-out: a tenth)
     split: str = "98,2,0"  # train, valid, test
+    # Multimodal sources pack several samples into a sequence: true gives each packed sample
+    # attention to itself only (a block-causal mask); false lets it see the samples packed
+    # before it. Text sources record no sample boundaries and attend across documents, as
+    # megatron-core's GPTDataset does by default; the setting does not apply to them.
+    document_mask: bool = True
 
 
 @dataclass
@@ -248,6 +257,11 @@ class Config:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
+
+    @property
+    def masks_documents(self) -> bool:
+        """Whether attention stays inside each packed sample (`data.document_mask`)."""
+        return self.data.document_mask and self.data.source in MULTIMODAL_SOURCES
 
 
 # --------------------------------------------------------------------------- loading
@@ -592,6 +606,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
     if p.vpp is not None:
         rule(p.vpp >= 1, "parallel.vpp", p.vpp, "must be at least 1 (or null)")
         rule(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "needs parallel.pp > 1")
+    rule(p.recompute in ("none", "full"), "parallel.recompute", p.recompute, "must be none or full")
     rule(p.etp == 1 or hardware.has_cuda, "parallel.etp", p.etp,
          "must be 1 on gloo (CPU): gloo has no uneven all_gather, which expert TP needs")
     if hardware.gpus_per_node:

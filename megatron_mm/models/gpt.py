@@ -52,6 +52,9 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
     if cfg.precision.fp8:
         fp8 = dict(fp8="hybrid" if cfg.precision.fp8 == "delayed" else "e4m3",
                    fp8_recipe=cfg.precision.fp8)
+    recompute = {}
+    if p.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -95,6 +98,7 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
         calculate_per_token_loss=True,
         **moe,
         **fp8,
+        **recompute,
     )
     kwargs.update(device_overrides)
     return MLATransformerConfig(**kwargs)
