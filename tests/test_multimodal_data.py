@@ -321,9 +321,13 @@ def test_packing_keeps_samples_whole_and_media_in_order(formatter, tokenizer, de
         assert [kind for kind, _, _ in runs] == [kind for _, kind in seq.media]
         assert all(length == {"image": IMAGE_TOKENS, "audio": AUDIO_TOKENS}[kind] for kind, _, length in runs)
         assert [ref for ref, _ in seq.media] == [r for r in seq.samples for _ in formatted[r].media]
+        segments = np.concatenate([np.full(len(formatted[r]), i) for i, r in enumerate(seq.samples, 1)])
+        assert seq.segment_ids.shape == (seq_length + 1,)
+        assert (seq.segment_ids[:n] == segments).all() and (seq.segment_ids[n:] == 0).all()
     # Greedy: a sequence closes only when the next sample does not fit.
     for seq, following in zip(sequences, sequences[1:]):
         used = sum(len(formatted[r]) for r in seq.samples)
         assert used + len(formatted[following.samples[0]]) > seq_length + 1
     with pytest.raises(ValueError, match="pad_id=-1"):
         SequencePacker(seq_length, -1)
+

@@ -15,6 +15,7 @@ import torch
 
 from megatron_mm.config import Config, ParallelConfig
 from megatron_mm.conversion.hf_model import load_pretrained
+from megatron_mm.models.attention_mask import document_attention_mask
 
 
 def sample_inputs(cfg: Config, placeholder_ids: dict, batch: int = 2, seed: int = 0):
@@ -77,7 +78,8 @@ class MegatronReference:
         media = {k: v for k, v in (("images", images), ("mels", mels)) if v is not None}
         self.captured.clear()
         # labels make megatron run its MTP block (it needs them); the output is a loss we drop
-        self.chunk(tokens, positions, None, labels=tokens, loss_mask=torch.ones_like(tokens, dtype=torch.float),
+        attention_mask = document_attention_mask(torch.ones_like(tokens)) if self.cfg.masks_documents else None
+        self.chunk(tokens, positions, attention_mask, labels=tokens, loss_mask=torch.ones_like(tokens, dtype=torch.float),
                    **media)
         head = self.chunk.output_layer
         weight = self.chunk.shared_embedding_or_output_weight() if self.chunk.share_embeddings_and_output_weights else None

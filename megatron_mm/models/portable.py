@@ -24,7 +24,7 @@ class SDPAttention(MegatronModule):
     Takes megatron's layout (query [sq, b, heads, qk_dim], key likewise, value
     [sk, b, heads, v_dim]) with any key and value head sizes, and returns
     [sq, b, heads * v_dim]. Causal masking for `AttnMaskType.causal`, none for `no_mask`,
-    and megatron's boolean mask (True = masked out) otherwise.
+    and megatron's boolean mask (True = masked out) otherwise, which `arbitrary` requires.
     """
 
     def __init__(
@@ -67,6 +67,8 @@ class SDPAttention(MegatronModule):
         mask, causal = None, False
         if mask_type == AttnMaskType.causal:
             causal = True
+        elif mask_type == AttnMaskType.arbitrary and attention_mask is None:
+            raise ValueError("attention built with AttnMaskType.arbitrary needs an attention_mask")
         elif mask_type != AttnMaskType.no_mask and attention_mask is not None:
             mask = ~attention_mask
         if attention_bias is not None:

@@ -168,8 +168,11 @@ class TPMLASelfAttention(MLASelfAttention):
             self._kv_down_out = None
 
 
-def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec:
-    """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE."""
+def mla_layer_spec(backend, moe: bool, num_experts: Optional[int],
+                   attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+    """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE.
+    `attn_mask_type`: causal, or arbitrary to apply the mask each forward passes
+    (packed samples attending to themselves only: models/attention_mask.py)."""
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(
         backend=backend, num_experts=num_experts if moe else None, moe_grouped_gemm=False
@@ -181,7 +184,7 @@ def mla_layer_spec(backend, moe: bool, num_experts: Optional[int]) -> ModuleSpec
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=TPMLASelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                params={"attn_mask_type": attn_mask_type},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=linear,
                     linear_q_down_proj=linear,
@@ -252,13 +255,15 @@ def cross_attention_spec(backend) -> ModuleSpec:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, backend, vp_stage: Optional[int], pp_rank: Optional[int] = None
+    config: TransformerConfig, backend, vp_stage: Optional[int], pp_rank: Optional[int] = None,
+    attn_mask_type: AttnMaskType = AttnMaskType.causal,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds; `config.moe_layer_freq`
     marks which global layers are MoE (DeepSeek-V3: the first k are dense)."""
     pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
-    dense = mla_layer_spec(backend, moe=False, num_experts=None)
-    moe = mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts) if config.num_moe_experts else None
+    dense = mla_layer_spec(backend, moe=False, num_experts=None, attn_mask_type=attn_mask_type)
+    moe = (mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts, attn_mask_type=attn_mask_type)
+           if config.num_moe_experts else None)
     specs = [moe if is_moe else dense for is_moe in pattern]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -267,10 +272,12 @@ def decoder_block_spec(
     )
 
 
-def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int]):
+def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int],
+                   attn_mask_type: AttnMaskType = AttnMaskType.causal):
     """Multi-token-prediction block (built on the last stage only), or None."""
     if not config.mtp_num_layers:
         return None
-    layer = mla_layer_spec(backend, moe=bool(config.num_moe_experts), num_experts=config.num_moe_experts)
+    layer = mla_layer_spec(backend, moe=bool(config.num_moe_experts), num_experts=config.num_moe_experts,
+                           attn_mask_type=attn_mask_type)
     return get_gpt_mtp_block_spec_for_backend(config, layer, backend=backend, vp_stage=vp_stage)
 

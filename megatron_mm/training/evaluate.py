@@ -22,6 +22,7 @@ from megatron_mm.data.multimodal.demo import (
     AUDIO_QUESTIONS, IMAGE_QUESTIONS, answer, describe_audio, describe_image,
 )
 from megatron_mm.data.multimodal.demo_media import COLOURS, PITCHES, SHAPES, SOUNDS
+from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
@@ -65,8 +66,9 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
         runtime.shutdown()
 
 
-def _sequence_logprobs(model, device, batch: list, media: dict) -> torch.Tensor:
-    """Summed log-probability of each formatted sample's learned tokens."""
+def _sequence_logprobs(model, device, masks_documents: bool, batch: list, media: dict) -> torch.Tensor:
+    """Summed log-probability of each formatted sample's learned tokens (one sample a row,
+    padded at the end; `masks_documents`: the model wants the attention mask, here causal)."""
     length = max(len(s) for s in batch)
     tokens = np.zeros((len(batch), length), np.int64)
     mask = np.zeros((len(batch), length), np.float32)
@@ -75,7 +77,8 @@ def _sequence_logprobs(model, device, batch: list, media: dict) -> torch.Tensor:
     tokens, mask = torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
-    losses = model(inputs, positions, None, labels=labels, **media)  # [b, s] per-token loss
+    attention_mask = document_attention_mask(torch.ones_like(inputs)) if masks_documents else None
+    losses = model(inputs, positions, attention_mask, labels=labels, **media)  # [b, s] per-token loss
     return -(losses.float() * mask[:, 1:]).sum(dim=1)
 
 
@@ -121,7 +124,7 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
         media = {"images": None if sample.image is None else sample.image[None].to(device),
                  "mels": None if sample.mel is None else sample.mel[None].to(device)}
         own = formatter.format(sample.meta, kinds)
-        loss_sum -= float(_sequence_logprobs(model, device, [own], media)[0])
+        loss_sum -= float(_sequence_logprobs(model, device, cfg.masks_documents, [own], media)[0])
         tokens += float(own.loss_mask[1:].sum())
         if len(kinds) != 1 or "label" not in sample.meta:
             continue
@@ -132,7 +135,7 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
             candidates, truth = _candidates(kind, question, key, values, sample.meta["label"])
             batch = [formatter.format(c, [kind]) for c in candidates]
             repeated = {k: None if v is None else v.expand(len(batch), *v.shape[1:]) for k, v in media.items()}
-            scores = _sequence_logprobs(model, device, batch, repeated)
+            scores = _sequence_logprobs(model, device, cfg.masks_documents, batch, repeated)
             correct = int(int(scores.argmax()) == truth)
             right[kind] += correct
             by_key[key] = by_key.get(key, 0) + correct

@@ -28,6 +28,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, validate
 from megatron_mm.models import pipeline_split
+from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
@@ -132,14 +133,17 @@ def build_optimizer(cfg: Config, tc, model):
 # --------------------------------------------------------------------------- one step
 
 
-def forward_step(device, data_iterator, model):
+def forward_step(device, masks_documents: bool, data_iterator, model):
+    """One micro-batch through this rank's chunk (every pipeline stage reads the batch:
+    the first for tokens and media, all for the attention mask, the last for labels)."""
     batch = next(data_iterator)
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     position_ids = batch["position_ids"].to(device)
+    attention_mask = document_attention_mask(batch["segment_ids"].to(device)) if masks_documents else None
     media = {k: batch[k].to(device) for k in ("images", "mels") if batch.get(k) is not None}
-    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask, **media)
+    output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **media)
     return output, partial(loss_func, loss_mask)
 
 
@@ -315,7 +319,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         losses = forward_backward(
-            forward_step_func=partial(forward_step, device),
+            forward_step_func=partial(forward_step, device, cfg.masks_documents),
             data_iterator=iterators if len(model) > 1 else iterators[0],
             model=model if len(model) > 1 else model[0],
             num_microbatches=num_microbatches,

@@ -23,7 +23,8 @@ from megatron_mm.data.multimodal.text import PackedSequence, SequencePacker, Tex
 
 
 class MultimodalBatches:
-    """Iterator of micro-batches: `tokens`, `labels`, `loss_mask`, `position_ids` [mbs, s],
+    """Iterator of micro-batches: `tokens`, `labels`, `loss_mask`, `position_ids`,
+    `segment_ids` (which packed sample each input token belongs to; 0: padding) [mbs, s],
     `images` [n, 3, S, S] and `mels` [n, 80, F] in placeholder order (batch-major)."""
 
     def __init__(self, loader: MediaLoader, formatter: TextFormatter, seq_length: int,
@@ -75,6 +76,7 @@ class MultimodalBatches:
 def collate(sequences: list[PackedSequence]) -> dict:
     tokens = torch.from_numpy(np.stack([s.tokens for s in sequences]))
     mask = torch.from_numpy(np.stack([s.loss_mask for s in sequences]))
+    segments = torch.from_numpy(np.stack([s.segment_ids for s in sequences]))
     seq_length = tokens.shape[1] - 1
     images = [sample.image for s in sequences for (_, sample), kind in s.media if kind == "image"]
     mels = [sample.mel for s in sequences for (_, sample), kind in s.media if kind == "audio"]
@@ -83,6 +85,7 @@ def collate(sequences: list[PackedSequence]) -> dict:
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": mask[:, 1:].contiguous(),
         "position_ids": torch.arange(seq_length).expand(len(sequences), seq_length).contiguous(),
+        "segment_ids": segments[:, :-1].contiguous(),
         "images": torch.stack(images) if images else None,
         "mels": torch.stack(mels) if mels else None,
     }

@@ -142,6 +142,7 @@ def media_runs(tokens: np.ndarray, placeholder_ids: dict[str, int]) -> list[tupl
 class PackedSequence:
     tokens: np.ndarray  # int64 [seq_length + 1]
     loss_mask: np.ndarray  # float32 [seq_length + 1], 0 on padding
+    segment_ids: np.ndarray  # int32 [seq_length + 1]: 1, 2, ... for the packed samples in order, 0 on padding
     media: list[tuple[Any, str]]  # (sample ref, kind) in the order of the placeholder runs
     samples: list[Any] = field(default_factory=list)  # refs of the packed samples, in order
 
@@ -187,6 +188,8 @@ class SequencePacker:
             loss_mask=np.concatenate([s.loss_mask for _, s in self._items] + [np.zeros(pad, np.float32)]),
             media=[(ref, kind) for ref, s in self._items for kind in s.media],
             samples=[ref for ref, _ in self._items],
+            segment_ids=np.concatenate([np.full(len(s), i, np.int32) for i, (_, s) in enumerate(self._items, 1)]
+                                       + [np.zeros(pad, np.int32)]),
         )
         self._items, self._used = [], 0
         return [packed]
