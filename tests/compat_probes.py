@@ -32,6 +32,23 @@ def cpu_rng_tracker():
     assert not torch.equal(a, b)  # the tracked state advanced
 
 
+def cpu_checkpoint_rng():
+    """Full recomputation (`tensor_parallel.checkpoint`) replays the forward's random draws,
+    from the CPU generator and from the tracker, so the gradient follows the forward's
+    dropout masks."""
+    from megatron.core import tensor_parallel
+
+    def dropouts(x):
+        x = torch.nn.functional.dropout(x, 0.5)  # CPU generator
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x, 0.5)  # the tracker's state
+
+    x = torch.randn(64, requires_grad=True)
+    y = tensor_parallel.checkpoint(dropouts, False, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, 4.0 * (y != 0)), "the recomputed forward drew other dropout masks"
+
+
 def cuda_devices_to_cpu():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -90,7 +107,7 @@ def adam_step_on_load():
     assert _patched(fn) or 's["step"] = step' not in inspect.getsource(fn), "one step tensor shared by all"
 
 
-PROBES = [cpu_rng_tracker, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
+PROBES = [cpu_rng_tracker, cpu_checkpoint_rng, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
           router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load]
 
 

@@ -21,8 +21,8 @@ Which split (`plan`):
 
 Stage cost (hand-written estimate, training FLOPs per sequence of `model.seq_length`
 tokens, training/flops.py): the stage's decoder layers (dense and MoE priced apart; 3 ×
-forward, 2 × for a frozen language model); the last stage adds the LM head and the MTP
-layers; the first adds the encoders and projectors.
+forward, less for a frozen language model, one forward more with full recomputation); the
+last stage adds the LM head and the MTP layers; the first adds the encoders and projectors.
 
 ASSUMPTION for the encoders' share: a sequence is filled with samples that each carry one
 image (if `model.vision` is set) and one audio clip (if `model.audio` is set) and no text,
@@ -39,8 +39,8 @@ from typing import Optional
 from megatron_mm.config import Config
 from megatron_mm.training.flops import (
     encoder_training_flops,
-    head_forward_flops_per_token,
-    layer_forward_flops_per_token,
+    head_training_flops_per_token,
+    layer_training_flops_per_token,
 )
 
 
@@ -117,11 +117,11 @@ def stage_layer_indices(layers: list[int], vpp: Optional[int]) -> list[list[int]
 def stage_flops(cfg: Config, layers: list[int]) -> tuple[list[float], float]:
     """(training FLOPs per sequence for each stage, the encoders' part of stage 0)."""
     m = cfg.model
-    factor = 2 if cfg.train.freeze.language_model else 3
-    per_layer = layer_forward_flops_per_token(m)
+    recompute, frozen = cfg.parallel.recompute, cfg.train.freeze.language_model
+    per_layer = layer_training_flops_per_token(m, recompute, frozen)
     vpp = cfg.parallel.vpp if cfg.parallel.pp > 1 else None
-    costs = [factor * m.seq_length * sum(per_layer[i] for i in idx) for idx in stage_layer_indices(layers, vpp)]
-    costs[-1] += factor * m.seq_length * head_forward_flops_per_token(m)
+    costs = [m.seq_length * sum(per_layer[i] for i in idx) for idx in stage_layer_indices(layers, vpp)]
+    costs[-1] += m.seq_length * head_training_flops_per_token(m, recompute, frozen)
     encoders = encoder_flops_per_sequence(cfg)
     costs[0] += encoders
     return costs, encoders

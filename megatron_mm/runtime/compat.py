@@ -82,6 +82,28 @@ def _install_cpu_rng_tracker() -> None:
     random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+# Call site: megatron/core/tensor_parallel/random.py CheckpointFunction (full activation
+# recomputation, transformer_block.py `_checkpointed_forward` → `tensor_parallel.checkpoint`)
+# saves and restores the RNG states around the recomputed forward with `_get_all_rng_states`
+# / `_set_all_rng_states`, which read and write the CUDA generator (`_get_cuda_rng_state`).
+# On the CPU there is no CUDA generator: the CPU generator and the tracker's states are all
+# the recomputed forward draws from (dropout masks must repeat exactly).
+
+
+def _cpu_checkpoint_rng_states() -> None:
+    from megatron.core.tensor_parallel import random
+
+    def get_all_rng_states():
+        return torch.get_rng_state(), None, random.get_cuda_rng_tracker().get_states()
+
+    def set_all_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker):
+        torch.set_rng_state(cpu_rng_state)
+        random.get_cuda_rng_tracker().set_states(cuda_rng_state_tracker)
+
+    random._get_all_rng_states = get_all_rng_states
+    random._set_all_rng_states = set_all_rng_states
+
+
 # --------------------------------------------------------------------------- CUDA devices
 # Call sites: ~100 `torch.cuda.current_device()` used as a device (e.g.
 # models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.__init__), and literal
@@ -324,6 +346,12 @@ WORKAROUNDS: list[Workaround] = [
         "megatron/core/tensor_parallel/random.py: CudaRNGStatesTracker.add uses torch.cuda RNG",
         lambda hw: not hw.has_cuda,
         _install_cpu_rng_tracker,
+    ),
+    Workaround(
+        "cpu_checkpoint_rng",
+        "megatron/core/tensor_parallel/random.py CheckpointFunction: _get_all_rng_states reads torch.cuda RNG",
+        lambda hw: not hw.has_cuda,
+        _cpu_checkpoint_rng_states,
     ),
     Workaround(
         "cuda_devices_to_cpu",
