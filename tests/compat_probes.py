@@ -64,6 +64,12 @@ def cpu_streams():
         pass
     stream.wait_stream(torch.cuda.current_stream())
     stream.record_event().synchronize()
+    from megatron.core.timers import Timers
+
+    timer = Timers(2, "minmax")("forward-compute", log_level=2)  # Timer.start/stop: torch.cuda.synchronize()
+    timer.start()
+    timer.stop()
+    assert timer.elapsed() >= 0
 
 
 def cpu_split_sizes():

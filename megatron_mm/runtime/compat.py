@@ -157,7 +157,8 @@ def _redirect_cuda_devices() -> None:
 # --------------------------------------------------------------------------- CUDA streams
 # Call sites: transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.__init__
 # (`torch.cuda.Stream()`) and `_maybe_dtoh_and_synchronize` (`torch.cuda.current_stream()`,
-# `torch.cuda.stream(...)`, `wait_stream`), plus `torch.cuda.synchronize()` in timers.
+# `torch.cuda.stream(...)`, `wait_stream`), plus `torch.cuda.synchronize()` in timers.py
+# `Timer.start`/`stop` (the step timers a benchmark sets as `config.timers`).
 # On the CPU work is synchronous: one stand-in stream object that does nothing.
 
 
@@ -362,7 +363,8 @@ WORKAROUNDS: list[Workaround] = [
     ),
     Workaround(
         "cpu_streams",
-        "moe/token_dispatcher.py MoEAlltoAllTokenDispatcher: torch.cuda.Stream/current_stream",
+        "moe/token_dispatcher.py MoEAlltoAllTokenDispatcher: torch.cuda.Stream/current_stream; "
+        "timers.py Timer.start/stop: torch.cuda.synchronize",
         lambda hw: not hw.has_cuda,
         _cpu_streams,
     ),

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from functools import partial
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -22,6 +23,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.timers import Timers
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import unwrap_model
@@ -32,7 +34,7 @@ from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
-from megatron_mm.training import checkpoint
+from megatron_mm.training import checkpoint, step_timers
 from megatron_mm.training.flops import training_flops_per_token
 from megatron_mm.training.metrics import MetricsLogger
 from megatron_mm.training.step_data import StepData
@@ -210,6 +212,19 @@ def reduce_step_losses(losses: list[dict], num_microbatches: int, mtp_layers: in
     return out
 
 
+def step_flops(cfg: Config) -> float:
+    """Model FLOPs of one training step (the global batch), for TFLOP/s and MFU: the language
+    model's only (`training_flops_per_token` x tokens); the vision/audio encoders are not counted."""
+    return training_flops_per_token(cfg.model) * cfg.train.global_batch_size * cfg.model.seq_length
+
+
+def gather_rank_records(record: dict) -> list[dict]:
+    """Every rank's `record`, in rank order, on every rank."""
+    records = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(records, {"rank": torch.distributed.get_rank(), **record})
+    return records
+
+
 # --------------------------------------------------------------------------- stopping
 
 
@@ -236,19 +251,23 @@ class StopSignal:
 # --------------------------------------------------------------------------- the run
 
 
-def run(cfg: Config) -> dict:
-    """Train per `cfg`; returns the last logged metrics (on every rank)."""
+def run(cfg: Config, timers: Timers | None = None, on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Train per `cfg`; returns the last logged metrics (on every rank).
+
+    `timers` (megatron-core's, see step_timers.py) time the parts of every step; each logged
+    step's metrics then also hold `ranks`: every rank's step time, peak memory and timer seconds.
+    `on_log(step, metrics)` is called on every rank for every logged step."""
     env = runtime.dist_env()
     hardware = runtime.detect_hardware()
     validate(cfg, env.world_size, hardware)  # before any process group starts
     device = runtime.init_distributed(env, hardware)
     try:
-        return _train(cfg, env, hardware, device)
+        return _train(cfg, env, hardware, device, timers, on_log)
     finally:
         runtime.shutdown()
 
 
-def _train(cfg: Config, env, hardware, device) -> dict:
+def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict:
     runtime.init_model_parallel(cfg.parallel)
     applied = compat.apply(hardware)
     compat.seed_everything(cfg.train.seed)
@@ -277,6 +296,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         model, cfg.model.num_layers + cfg.model.mtp_num_layers, cfg.model.num_experts or 0, device
     )
     tc.grad_scale_func = optimizer.scale_loss
+    tc.timers, tc.barrier_with_L1_time = timers, False  # time the step without adding barriers to it
     tc.finalize_model_grads_func = loads.finalize
     if len(model) > 1:
         tc.no_sync_func = [m.no_sync for m in model]
@@ -308,7 +328,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
     logger = MetricsLogger(cfg.run.dir, t.steps, cfg.logging.tensorboard) if rank0 else None
     stop = StopSignal(device)
     forward_backward = get_forward_backward_func()
-    flops_per_token = training_flops_per_token(cfg.model)
+    flops_per_step = step_flops(cfg)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     last: dict = {}
     saved_at = start
@@ -327,18 +347,23 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
+        if timers is not None:
+            timers("optimizer", log_level=1).start()
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError(f"step {step}: optimizer step failed (NaN/inf gradients)")
         scheduler.step(increment=1)
+        if timers is not None:
+            timers("optimizer").stop()
         step_time = time.perf_counter() - started
+        timed = step_timers.read(timers) if timers is not None else None
 
         if step % cfg.logging.interval == 0 or step == t.steps:
             metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers, device)
             metrics.update(loads.imbalance())
             peak = torch.tensor([runtime.peak_memory_gib()], device=device)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-            tflops = flops_per_token * tokens_per_step / step_time / env.world_size / 1e12
+            tflops = flops_per_step / step_time / env.world_size / 1e12
             peak_tflops = cfg.logging.peak_tflops_per_gpu
             metrics.update(
                 lm_loss=metrics["loss"],
@@ -353,9 +378,14 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             skipped = data.skipped()
             if skipped is not None:
                 metrics["data_skipped"] = skipped
+            if timers is not None:
+                metrics["ranks"] = gather_rank_records(
+                    {"step_time_s": step_time, "peak_memory_gib": runtime.peak_memory_gib(), "timers": timed})
             last = metrics
             if logger:
                 logger.log(step, metrics)
+            if on_log:
+                on_log(step, metrics)
 
         stopping = stop.agreed()
         if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or (
