@@ -70,7 +70,7 @@ def reference(tmp_path_factory, data_cache):
     run(1, data + ["train.steps=0", f"run.dir={root}/init"])
     init = f"{root}/init/checkpoints"
     run(1, data + [f"checkpoint.load={init}", f"run.dir={root}/single"])
-    return {"init": init, "data": data, "losses": losses(f"{root}/single"),
+    return {"init": init, "data": data, "losses": losses(f"{root}/single"), "single": f"{root}/single",
             "grad_norm": first_grad_norm(f"{root}/single"), "parameters": parameters(f"{root}/single")}
 
 
@@ -99,6 +99,26 @@ def test_layout_matches_single_rank(name, reference, layout_run):
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=LOSS_TOLERANCE), (name, step, got[step], want[step])
     assert first_grad_norm(run_dir) == pytest.approx(reference["grad_norm"], rel=GRAD_NORM_TOLERANCE)
+
+
+def step_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_flops_count_the_steps_images_and_clips(reference, layout_run):
+    """TFLOP/s counts the encoders for the images and clips each step actually held (summed
+    over the data-parallel ranks), the same under every layout that reads the same samples."""
+    from megatron_mm.config import load_config
+    from megatron_mm.training.loop import step_flops
+
+    cfg = load_config(QUICKSTART_MULTIMODAL, COMMON)
+    single, tp2_pp2 = step_metrics(reference["single"]), step_metrics(layout_run("tp2_pp2")[0])
+    assert [(m["images"], m["audio_clips"]) for m in single] == [(m["images"], m["audio_clips"]) for m in tp2_pp2]
+    for m in single:
+        assert m["images"] + m["audio_clips"] > 0
+        assert m["flops"] == pytest.approx(step_flops(cfg, m["images"], m["audio_clips"]), rel=1e-12)
+        assert m["flops"] > step_flops(cfg)  # the encoders' share is in
 
 
 @pytest.mark.parametrize("name", ["pp2_dali", "tp2_pp2"])

@@ -52,14 +52,14 @@ def peak_tflops(cfg, cluster_path):
 def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str) -> dict:
     """The JSON report from the timed steps' metrics (each with every rank's record)."""
     from megatron_mm.training import step_timers
-    from megatron_mm.training.loop import step_flops
 
     p, t = cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp)
     times = [r["step_time_s"] for r in records]
     mean = statistics.fmean(times)
     tokens = t.global_batch_size * cfg.model.seq_length
-    tflops = step_flops(cfg) / mean / world_size / 1e12
+    flops = statistics.fmean(r["flops"] for r in records)
+    tflops = sum(r["flops"] for r in records) / sum(times) / world_size / 1e12
     ranks = []
     for i, last in enumerate(records[-1]["ranks"]):
         mine = [r["ranks"][i] for r in records]
@@ -80,8 +80,9 @@ def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str)
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / mean,
         "tokens_per_s_per_gpu": tokens / mean / world_size,
-        "flops_per_step": step_flops(cfg),
-        "flops_counted": "language model only (training/flops.py training_flops_per_token x tokens)",
+        "flops_per_step": flops,
+        "flops_counted": "model FLOPs (training/flops.py): the language model over every position and the "
+                         "encoders over the step's images and clips; recomputation not counted",
         "tflops_per_gpu": tflops,
         "peak_tflops_per_gpu": peak,
         "mfu": tflops / peak if peak else None,

@@ -44,6 +44,8 @@ and the frozen resampler's query projection (1 ×) and attention (3 ×).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron_mm.config import AudioConfig, Config, FreezeConfig, ModelConfig, VisionConfig
 
 RECOMPUTE = ("none", "full")
@@ -245,7 +247,8 @@ def encoder_training_flops(m: ModelConfig, freeze: FreezeConfig) -> dict[str, fl
 # --------------------------------------------------------------------------- a training step
 
 
-def step_training_flops_by_part(cfg: Config, tokens: int, images: int = 0, clips: int = 0) -> dict[str, float]:
+def step_training_flops_by_part(cfg: Config, tokens: int, images: int = 0, clips: int = 0,
+                                recompute: Optional[str] = None) -> dict[str, float]:
     """Training FLOPs of one step of `cfg` over `tokens` language-model positions (every
     position of every sequence, media placeholders and padding included), `images` images
     and `clips` audio clips, by part: "decoder", "mtp" (the MTP layers without their head
@@ -268,8 +271,7 @@ def step_training_flops_by_part(cfg: Config, tokens: int, images: int = 0, clips
     return parts
 
 
-def step_training_flops(cfg: Config, tokens: int, images: int = 0, clips: int = 0) -> float:
-    """Training FLOPs of one step (see `step_training_flops_by_part`): for TFLOP/s and MFU
-    including the encoders. Counts what runs: with parallel.recompute=full the recomputed
-    forward passes too (hardware FLOPs rather than model FLOPs)."""
-    return sum(step_training_flops_by_part(cfg, tokens, images, clips).values())
+def step_training_flops(cfg: Config, tokens: int, images: int = 0, clips: int = 0,
+                        recompute: Optional[str] = None) -> float:
+    """Training FLOPs of one step (see `step_training_flops_by_part`), encoders included."""
+    return sum(step_training_flops_by_part(cfg, tokens, images, clips, recompute).values())

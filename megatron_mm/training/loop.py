@@ -35,7 +35,7 @@ from megatron_mm.models.gpt import build_model_chunks, count_parameters, transfo
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint, step_timers
-from megatron_mm.training.flops import training_flops_per_token
+from megatron_mm.training.flops import step_training_flops
 from megatron_mm.training.metrics import MetricsLogger
 from megatron_mm.training.step_data import StepData
 
@@ -212,10 +212,12 @@ def reduce_step_losses(losses: list[dict], num_microbatches: int, mtp_layers: in
     return out
 
 
-def step_flops(cfg: Config) -> float:
-    """Model FLOPs of one training step (the global batch), for TFLOP/s and MFU: the language
-    model's only (`training_flops_per_token` x tokens); the vision/audio encoders are not counted."""
-    return training_flops_per_token(cfg.model) * cfg.train.global_batch_size * cfg.model.seq_length
+def step_flops(cfg: Config, images: int = 0, clips: int = 0) -> float:
+    """Model FLOPs of one training step, for TFLOP/s and MFU: the language model over every
+    position of the global batch and the encoders over its `images` and audio `clips`;
+    recomputation is not counted (MFU's convention: the model's FLOPs, not the hardware's)."""
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    return step_training_flops(cfg, tokens, images, clips, recompute="none")
 
 
 def gather_rank_records(record: dict) -> list[dict]:
@@ -328,7 +330,6 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
     logger = MetricsLogger(cfg.run.dir, t.steps, cfg.logging.tensorboard) if rank0 else None
     stop = StopSignal(device)
     forward_backward = get_forward_backward_func()
-    flops_per_step = step_flops(cfg)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     last: dict = {}
     saved_at = start
@@ -363,13 +364,16 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
             metrics.update(loads.imbalance())
             peak = torch.tensor([runtime.peak_memory_gib()], device=device)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-            tflops = flops_per_step / step_time / env.world_size / 1e12
+            images, clips = data.media_counts()
+            flops = step_flops(cfg, images, clips)
+            tflops = flops / step_time / env.world_size / 1e12
             peak_tflops = cfg.logging.peak_tflops_per_gpu
             metrics.update(
                 lm_loss=metrics["loss"],
                 lr=scheduler.get_lr(optimizer.param_groups[0]),
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 tokens_per_s=tokens_per_step / step_time,
+                flops=flops,
                 tflops_per_gpu=tflops,
                 mfu=tflops / peak_tflops if peak_tflops else None,
                 step_time_s=step_time,
@@ -377,7 +381,7 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
             )
             skipped = data.skipped()
             if skipped is not None:
-                metrics["data_skipped"] = skipped
+                metrics.update(data_skipped=skipped, images=images, audio_clips=clips)
             if timers is not None:
                 metrics["ranks"] = gather_rank_records(
                     {"step_time_s": step_time, "peak_memory_gib": runtime.peak_memory_gib(), "timers": timed})

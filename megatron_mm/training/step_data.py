@@ -35,6 +35,7 @@ class StepData:
         self.multimodal = cfg.data.source in MULTIMODAL_SOURCES
         self.placeholder_ids: dict[str, int] = {}
         self.stream = None
+        self._media = [0, 0]  # images and audio clips in this rank's batches of the last step
         if self.multimodal:
             from megatron_mm.data.multimodal.prepare import multimodal_files
 
@@ -73,7 +74,17 @@ class StepData:
                                                  t.micro_batch_size, t.global_batch_size)
                     for _ in range(num_chunks)]
         batches = [next(self.stream) for _ in range(num_microbatches)]
+        self._media = [sum(0 if b[k] is None else b[k].shape[0] for b in batches) for k in ("images", "mels")]
         return [iter(batches) for _ in range(num_chunks)]
+
+    def media_counts(self) -> tuple[int, int]:
+        """Images and audio clips in the last step's global batch (0, 0 for text sources).
+        Every rank must call it (multimodal sources sum over the data-parallel ranks)."""
+        if not self.multimodal:
+            return 0, 0
+        counts = torch.tensor(self._media, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return int(counts[0].item()), int(counts[1].item())
 
     def state(self) -> dict:
         """What a checkpoint keeps (the same on every rank)."""
