@@ -267,6 +267,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
         raise RuntimeError(f"pipeline split {split.layers} planned, but megatron-core builds {built}")
     if p.pp > 1:
         log0(split.describe())
+    memory = runtime.PeakMemory(device)  # weights, gradients, optimizer state, activations
     model = build_model(cfg, tc, hardware, data.placeholder_ids)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
     loads = ExpertLoadTracker(
@@ -328,12 +329,11 @@ def _train(cfg: Config, env, hardware, device) -> dict:
             raise RuntimeError(f"step {step}: optimizer step failed (NaN/inf gradients)")
         scheduler.step(increment=1)
         step_time = time.perf_counter() - started
+        memory.step_done(last=step == t.steps)
 
         if step % cfg.logging.interval == 0 or step == t.steps:
             metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers, device)
             metrics.update(loads.imbalance())
-            peak = torch.tensor([runtime.peak_memory_gib()], device=device)
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
             tflops = flops_per_token * tokens_per_step / step_time / env.world_size / 1e12
             peak_tflops = cfg.logging.peak_tflops_per_gpu
             metrics.update(
@@ -344,7 +344,7 @@ def _train(cfg: Config, env, hardware, device) -> dict:
                 tflops_per_gpu=tflops,
                 mfu=tflops / peak_tflops if peak_tflops else None,
                 step_time_s=step_time,
-                peak_memory_gib=float(peak.item()),
+                peak_memory_gib=memory.peak_gib(),
             )
             skipped = data.skipped()
             if skipped is not None:
