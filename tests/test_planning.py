@@ -1,6 +1,8 @@
 """Planning without a cluster: parameters per rank against built megatron-core models, memory
-arithmetic, rank maps from megatron-core's RankGenerator, cluster profiles, uneven pipeline
-splits, and tools/make_sbatch.py (scripts and one-line refusals)."""
+arithmetic (recomputation included), rank maps from megatron-core's RankGenerator, cluster
+profiles, uneven pipeline splits, tools/make_sbatch.py (scripts and one-line refusals), and the
+layout planner (megatron_mm/planning/planner.py, tools/plan.py). The memory estimate against
+measured CPU peaks: tests/test_memory_measurement.py."""
 
 import contextlib
 import io
@@ -19,7 +21,9 @@ from megatron_mm.config import ConfigError, Hardware, load_config, validate  # n
 from megatron_mm.models.params import estimate_parameters  # noqa: E402
 from megatron_mm.models import pipeline_split
 from megatron_mm.planning.cluster import load_cluster  # noqa: E402
-from megatron_mm.planning.memory import estimate_memory, in_flight_chunks, rank_parameters  # noqa: E402
+from megatron_mm.planning.memory import (  # noqa: E402
+    GIB, _layer_activation_elements, estimate_memory, in_flight_chunks, rank_parameters)
+from megatron_mm.planning.planner import MATMUL_EFFICIENCY, Layout, plan_layouts  # noqa: E402
 
 TEXT = os.path.join(ROOT, "configs", "quickstart_text.yaml")
 MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -106,6 +110,24 @@ def test_activations_scale_with_tokens_and_tp():
     assert two == pytest.approx(2 * one)
     tp2 = estimate_memory(load_config(TEXT, ["parallel.tp=2", SP]), 2).stages[0].activation_bytes
     assert tp2 == pytest.approx(one / 2)
+
+
+def test_recompute_keeps_layer_inputs():
+    """Full recomputation: each layer keeps its input (h per token), plus one layer's full
+    activations for the layer being recomputed; logits and model state unchanged."""
+    cfg = load_config(TEXT)
+    m, tokens, w = cfg.model, cfg.train.micro_batch_size * cfg.model.seq_length, 4
+    per_layer = [_layer_activation_elements(m, 1, 1, False, i >= m.first_k_dense_layers, w) for i in range(4)]
+    logits = tokens * m.vocab_size * (w + 4)
+    none = estimate_memory(cfg, 1).stages[0]
+    full = estimate_memory(load_config(TEXT, ["parallel.recompute=full"]), 1).stages[0]
+    assert none.activation_bytes == pytest.approx(sum(per_layer) * tokens * w + logits)
+    assert full.activation_bytes == pytest.approx((4 * m.hidden_size + max(per_layer)) * tokens * w + logits)
+    assert full.model_state_bytes == none.model_state_bytes
+    # PP2, 4 micro-batches: stage 0 holds 2 of them, each keeping its 2 layers' inputs.
+    pp2 = estimate_memory(load_config(TEXT, ["parallel.pp=2", "parallel.recompute=full"]), 2).stages[0]
+    assert pp2.in_flight == 2
+    assert pp2.activation_bytes == pytest.approx((2 * 2 * m.hidden_size + max(per_layer[:2])) * tokens * w)
 
 
 def test_in_flight_micro_batches():
@@ -202,3 +224,111 @@ def test_script_to_stdout_without_out():
                                  "--nodes", "2", "--runs-root", "/tmp/unused-runs"])
     assert rc == 0 and out.startswith("#!/bin/bash") and "cluster cpu_test" in err
     assert "--gpus-per-node" not in out and "peak_tflops" not in out  # no GPUs, no MFU peak
+
+
+# --------------------------------------------------------------------------- layout planner
+
+V2_LITE = os.path.join(ROOT, "configs", "models", "deepseek_v2_lite_16b.yaml")
+V2_SETS = ["precision.dtype=bf16", "train.global_batch_size=1024"]
+
+
+@pytest.fixture(scope="module")
+def v2_lite_plan():
+    cluster = load_cluster(os.path.join(CLUSTERS, "h800.yaml"))
+    return cluster, plan_layouts(load_config(V2_LITE, V2_SETS), cluster, 16)
+
+
+def test_planner_keeps_only_layouts_that_validate_and_fit(v2_lite_plan):
+    cluster, result = v2_lite_plan
+    usable = cluster.gpu_memory_gib - cluster.reserved_memory_gib
+    assert len(result.ranked) > 500 and result.enumerated == len(result.ranked) + result.too_big + sum(result.refused.values())
+    times = [c.time.total for c in result.ranked]
+    assert times == sorted(times)
+    for c in result.ranked:  # the --set arguments it reports select exactly that layout
+        cfg = load_config(V2_LITE, V2_SETS + c.layout.overrides())
+        validate(cfg, 16, cluster.hardware())
+        assert estimate_memory(cfg, 16).worst.total_bytes / GIB == pytest.approx(c.memory_gib) and c.memory_gib <= usable
+        assert c.tokens_per_s == pytest.approx(1024 * 4096 / c.time.total)
+
+
+def test_planner_top_layout_is_sensible(v2_lite_plan):
+    _, result = v2_lite_plan
+    best = result.ranked[0]
+    lay = best.layout
+    # A 2048-wide model gains nothing from TP; recomputation and bigger micro-batches only cost
+    # time when mbs 1 without recomputation fits; any all-to-all stays on NVLink.
+    assert (lay.tp, lay.micro_batch_size, lay.recompute) == (1, 1, "none")
+    assert lay.ep * lay.etp <= 8
+    assert best.time.compute / best.time.total > 0.9 and 0.3 < best.mfu <= MATMUL_EFFICIENCY
+
+
+def test_planner_excludes_what_does_not_fit(v2_lite_plan):
+    cluster, result = v2_lite_plan
+    ranked = {c.layout: c for c in result.ranked}
+    # Nothing sharded: 98.7 GiB of weights, gradients and optimizer a GPU; validate refuses it.
+    assert Layout(1, 1, None, 1, 1, 1, "none") not in ranked and result.refused["parallel"] > 0
+    # EP8, micro-batch 4: 28 GiB of model state fits, 73 GiB of activations of 27 layers do not
+    # (101 GiB); recomputing keeps 13 GiB of them and fits.
+    assert Layout(1, 1, None, 8, 1, 4, "none") not in ranked and result.too_big > 0
+    assert ranked[Layout(1, 1, None, 8, 1, 4, "full")].memory_gib == pytest.approx(41.8, abs=0.1)
+
+
+def test_step_time_parts(v2_lite_plan):
+    """The time model's parts against hand arithmetic (megatron_mm/planning/planner.py)."""
+    _, result = v2_lite_plan
+    ranked = {c.layout: c for c in result.ranked}
+    ep8 = ranked[Layout(1, 1, None, 8, 1, 1, "none")]
+    ep16 = ranked[Layout(1, 1, None, 16, 1, 1, "none")]
+    # 64 micro-batches x 26 MoE layers x (dispatch + combine) x (forward + backward), each
+    # sending 4096 tokens x top-6 x 2048 x 2 bytes, 7/8 of it, over 400/2 GB/s NVLink at 80 %.
+    sent = 4096 * 6 * 2048 * 2 * 7 / 8
+    assert ep8.time.ep_comm == pytest.approx(64 * 26 * 2 * 2 * sent / 160e9)
+    assert ep16.time.ep_comm > 2 * ep8.time.ep_comm  # half of it crosses InfiniBand (40 GB/s a GPU)
+    assert ep8.time.tp_comm == ep8.time.pp_comm == ep8.time.bubble == 0
+    # Recomputation: one more forward of the decoder layers and of their communication.
+    full = ranked[Layout(1, 1, None, 8, 1, 1, "full")]
+    assert full.time.ep_comm == pytest.approx(1.5 * ep8.time.ep_comm)
+    assert 1.25 < full.time.compute / ep8.time.compute < 4 / 3  # the LM head is not recomputed
+    # Pipeline bubble: (pp-1)/(vpp x M) of the micro-batches' time.
+    for lay in (Layout(1, 4, None, 1, 1, 1, "none", 8, 5), Layout(1, 2, 3, 2, 1, 1, "none", 15, 12)):
+        c = ranked[lay]
+        busy = c.time.compute + c.time.tp_comm + c.time.ep_comm + c.time.pp_comm
+        assert c.time.bubble == pytest.approx(busy * (lay.pp - 1) / ((lay.vpp or 1) * c.microbatches))
+        assert c.stage_layers[0] == lay.first_stage_layers and c.stage_layers[-1] == lay.last_stage_layers
+    tp2 = ranked[Layout(2, 1, None, 8, 1, 1, "none")]
+    # TP2 halves DP, so twice the micro-batches, each split over two GPUs: the same GEMM time.
+    assert tp2.microbatches == 2 * ep8.microbatches and tp2.time.compute == pytest.approx(ep8.time.compute)
+    # 128 micro-batches x 27 layers x 2 passes x (2 all-gathers + 2 reduce-scatters) of the
+    # 4096 x 2048 bf16 activation, half of it moved (ring, tp 2), over NVLink at 160 GB/s.
+    assert tp2.time.tp_comm == pytest.approx(128 * 27 * 2 * 4 * (4096 * 2048 * 2) / 2 / 160e9)
+
+
+def _plan_cli(argv):
+    import plan
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = plan.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_plan_tool(tmp_path):
+    args = ["--config", V2_LITE, "--cluster", os.path.join(CLUSTERS, "h800.yaml"), "--gpus", "16"]
+    sets = [a for s in V2_SETS for a in ("--set", s)]
+    rc, out, err = _plan_cli(args + sets + ["--top", "3", "--json", str(tmp_path / "plan.json")])
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("plan: ") and "16 x NVIDIA H800" in lines[0] and "1024 x 4096 tokens, bf16" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("# tp pp vpp"))
+    assert [line.split()[0] for line in lines[header + 1:header + 4]] == ["1", "2", "3"]
+    assert lines[header + 4].startswith("best: --set parallel.tp=")
+    report = json.loads(lines[-1])
+    full = json.loads((tmp_path / "plan.json").read_text())
+    assert len(report["top"]) == 3 and report["top"] == full["layouts"][:3] and report["fit"] == len(full["layouts"])
+    assert f"best: --set {' --set '.join(report['top'][0]['overrides'])}" in lines
+    # Refusals: one line each, exit 2.
+    rc, out, err = _plan_cli(args[:-1] + ["12"])
+    assert rc == 2 and err == "config error: --gpus=12: must be at most 8 or a multiple of it (whole nodes of h800)\n"
+    rc, out, err = _plan_cli(args[:-1] + ["1"] + sets)  # 15.7B parameters on one GPU
+    assert rc == 2 and err.startswith("config error: --gpus=1: no layout fits (")
+    assert "model state needs" in err.splitlines()[1]

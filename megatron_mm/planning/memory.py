@@ -35,8 +35,17 @@ with flash/SDPA attention (no seq x seq score matrix kept), per token:
   layers/vpp layers each. The last stage adds one micro-batch of logits (the run's dtype plus
   an fp32 copy for the cross-entropy) for the head and every MTP layer. Stage 0 adds the
   encoders' activations assuming one image and one audio clip per sequence.
-  Not counted: temporary buffers, communication buffers, allocator fragmentation — the
-  cluster profile's `reserved_memory_gib` stands for them.
+  * `parallel.recompute: full` (megatron-core's full uniform recomputation, one layer a
+    group): a decoder layer keeps only its input, h per token (divided by tp with sequence
+    parallelism), an MTP layer its two inputs (2h); during backward one layer at a time runs
+    its forward again, so the rank adds, once, the largest of its layers' full activations for
+    one micro-batch (as above). The head's logits and the encoders are not recomputed.
+  Not counted: temporary buffers (gradients of activations during backward, the optimizer
+  step's scratch), communication buffers, allocator fragmentation — the cluster profile's
+  `reserved_memory_gib` stands for them. Checked against measured peaks of CPU runs of the
+  tiny model (tests/test_memory_measurement.py): the estimate is 0.78-0.88 of the measured
+  peak there, the rest being those temporaries and the CPU's math attention, which keeps the
+  heads x seq x seq scores this estimate assumes a flash kernel does not.
 
 `validate` refuses a layout whose model state alone does not fit (given a GPU memory size);
 the sbatch generator prints the full table.
@@ -277,6 +286,7 @@ class MemoryEstimate:
     microbatches: int
     dtype: str
     distributed_optimizer: bool
+    recompute: str = "none"
     stages: list[StageMemory] = field(default_factory=list)
 
     def layout_text(self) -> str:
@@ -314,7 +324,7 @@ class MemoryEstimate:
         return dict(
             tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, vpp=self.vpp, dp=self.dp,
             expert_dp=self.expert_dp, world_size=self.world_size, microbatches=self.microbatches,
-            stages=[s.as_dict() for s in self.stages],
+            recompute=self.recompute, stages=[s.as_dict() for s in self.stages],
         )
 
 
@@ -334,9 +344,11 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     vpp = p.vpp if p.vpp and p.pp > 1 else None
 
     est = MemoryEstimate(p.tp, p.pp, p.ep, p.etp, vpp, dp, expert_dp, world_size, microbatches,
-                         cfg.precision.dtype, distributed)
+                         cfg.precision.dtype, distributed, p.recompute)
     counts = pipeline_split.plan(cfg).layers
     dense_layers = m.first_k_dense_layers if m.is_moe else m.num_layers
+    recompute = p.recompute == "full"
+    layer_input = m.hidden_size / (p.tp if p.sequence_parallel else 1)  # what a recomputed layer keeps
     for rank in range(p.pp):
         params = rank_parameters(cfg, rank)
         trainable_dense = params.dense - params.frozen_dense
@@ -345,20 +357,24 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
             trainable_dense / (dp if distributed else 1) + trainable_expert / (expert_dp if distributed else 1)
         )
         first = sum(counts[:rank])
-        per_mb = sum(
-            _layer_activation_elements(m, p.tp, p.etp, p.sequence_parallel, i >= dense_layers, w)
-            for i in range(first, first + counts[rank])
-        ) * tokens
+        layers = [_layer_activation_elements(m, p.tp, p.etp, p.sequence_parallel, i >= dense_layers, w)
+                  for i in range(first, first + counts[rank])]
+        per_mb = (len(layers) * layer_input if recompute else sum(layers)) * tokens
         chunks = in_flight_chunks(p.pp, vpp, rank, microbatches)
         activations = per_mb * w * chunks / (vpp or 1)
+        recomputed = max(layers, default=0.0)  # the one layer whose forward runs again in backward
         if rank == 0:
             media = _encoder_activation_elements(m.vision, p.tp) + _encoder_activation_elements(m.audio, p.tp)
             held = -(-chunks // (vpp or 1))  # micro-batches with a chunk-0 forward in flight
             activations += media * t.micro_batch_size * w * held
+        if rank == p.pp - 1 and m.mtp_num_layers:
+            mtp_layer = _layer_activation_elements(m, p.tp, p.etp, p.sequence_parallel, m.is_moe, w)
+            activations += m.mtp_num_layers * (2 * layer_input if recompute else mtp_layer) * tokens * w
+            recomputed = max(recomputed, mtp_layer)
         if rank == p.pp - 1:
-            mtp = m.mtp_num_layers * _layer_activation_elements(m, p.tp, p.etp, p.sequence_parallel, m.is_moe, w)
-            activations += mtp * tokens * w
             activations += (1 + m.mtp_num_layers) * tokens * m.vocab_size / p.tp * (w + 4)
+        if recompute:
+            activations += recomputed * tokens * w
         est.stages.append(StageMemory(
             stage=rank, layers=counts[rank], params=params,
             weights_bytes=params.total * w,

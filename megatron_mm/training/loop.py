@@ -292,6 +292,7 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
         raise RuntimeError(f"pipeline split {split.layers} planned, but megatron-core builds {built}")
     if p.pp > 1:
         log0(split.describe())
+    memory = runtime.PeakMemory(device)  # weights, gradients, optimizer state, activations
     model = build_model(cfg, tc, hardware, data.placeholder_ids)
     optimizer, scheduler = build_optimizer(cfg, tc, model)
     loads = ExpertLoadTracker(
@@ -358,12 +359,11 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
             timers("optimizer").stop()
         step_time = time.perf_counter() - started
         timed = step_timers.read(timers) if timers is not None else None
+        memory.step_done(last=step == t.steps)
 
         if step % cfg.logging.interval == 0 or step == t.steps:
             metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers, device)
             metrics.update(loads.imbalance())
-            peak = torch.tensor([runtime.peak_memory_gib()], device=device)
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
             images, clips = data.media_counts()
             flops = step_flops(cfg, images, clips)
             tflops = flops / step_time / env.world_size / 1e12
@@ -377,14 +377,14 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
                 tflops_per_gpu=tflops,
                 mfu=tflops / peak_tflops if peak_tflops else None,
                 step_time_s=step_time,
-                peak_memory_gib=float(peak.item()),
+                peak_memory_gib=memory.peak_gib(),
             )
             skipped = data.skipped()
             if skipped is not None:
                 metrics.update(data_skipped=skipped, images=images, audio_clips=clips)
             if timers is not None:
                 metrics["ranks"] = gather_rank_records(
-                    {"step_time_s": step_time, "peak_memory_gib": runtime.peak_memory_gib(), "timers": timed})
+                    {"step_time_s": step_time, "peak_memory_gib": memory.rank_gib(), "timers": timed})
             last = metrics
             if logger:
                 logger.log(step, metrics)
