@@ -11,6 +11,7 @@ setup(
         # install exact pins from constraints-cpu.txt so pip never resolves torch itself.
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.17",
+        "matplotlib",  # tools/ablate.py's plot
         "numpy",
         "pillow",  # demo images; image checks in build_shards; the PyTorch media loader
         "psutil",  # megatron-core dist_checkpointing writer workers need it

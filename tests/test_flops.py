@@ -164,5 +164,12 @@ def test_defaults_and_refusals():
     assert flops.step_training_flops(cfg, 1000) == pytest.approx(1000 * flops.training_flops_per_token(m))
     with pytest.raises(ValueError, match="recompute='selective'"):
         flops.training_flops_per_token(m, recompute="selective")
+    # the step's recompute: the config's unless given (the loop's MFU passes "none")
+    full = load_config(SCENARIOS["text"][0], SCENARIOS["text"][1] + ["parallel.recompute=full"])
+    with_recompute = 1000 * flops.training_flops_per_token(m, recompute="full")
+    assert flops.step_training_flops(full, 1000) == pytest.approx(with_recompute, rel=1e-12)
+    assert flops.step_training_flops(full, 1000, recompute="none") == pytest.approx(1000 * flops.training_flops_per_token(m))
+    assert flops.step_training_flops(cfg, 1000, recompute="full") == pytest.approx(with_recompute, rel=1e-12)
+    assert with_recompute > 1.2 * flops.step_training_flops(cfg, 1000)
     with pytest.raises(ValueError, match="no vision encoder"):
         flops.step_training_flops(cfg, 1000, images=1)

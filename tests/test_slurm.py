@@ -260,3 +260,44 @@ def test_sbatch_trains_requeues_on_signal_and_resumes(slurm, tmp_path, data_cach
     assert f"model: {rank_parameters(cfg, 0).total:,} parameters on rank 0" in job_log
     print(f"\nSLURM job {jobid}: 2 nodes x 2 ranks, TP2xPP2xEP2, stopped at step {stopped}, "
           f"requeued, resumed, finished {STEPS} steps; test wall {time.time() - started:.0f} s")
+
+
+def test_ablation_jobs(slurm, tmp_path):
+    """tools/ablate.py --launcher slurm: one benchmark job a layout (make_sbatch --benchmark:
+    no requeue), all submitted, then waited for; the table holds each job's report; a layout the
+    config rules refuse gets no job; a rerun submits nothing."""
+    started = time.time()
+    layouts = tmp_path / "layouts.yaml"
+    layouts.write_text("- {name: pp2, nodes: 1, set: [parallel.pp=2]}\n"
+                       "- {name: dp2_pp2, ranks: 4, set: [parallel.pp=2]}\n"
+                       "- {name: tp2_no_sp, nodes: 1, set: [parallel.tp=2]}\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "tools/ablate.py", "--config", "configs/quickstart_text.yaml",
+           "--set", "data.source=synthetic", "--layouts", str(layouts), "--steps", "2", "--warmup", "1",
+           "--out", str(out), "--launcher", "slurm", "--cluster", "configs/clusters/cpu_test.yaml",
+           "--partition", "mm", "--time", "10", "--poll", "0.5"]
+    env = {**slurm["env"], "PYTHONWARNINGS": "ignore"}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    logs = "\n".join(_tail(slurm["dir"], n) for n in ("slurmctld.log", "slurmd-n1.log"))
+    assert first.returncode == 1, first.stdout[-4000:] + first.stderr[-4000:] + logs
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    rows = {r["layout"]: r for r in result["rows"]}
+    assert result["failed"] == ["tp2_no_sp"] and not (out / "tp2_no_sp" / "job.json").exists()
+    assert rows["tp2_no_sp"]["error"] == ("config error: parallel.sequence_parallel=False: must be true for an MoE "
+                                          "model with parallel.tp=2 > 1 (megatron-core rule)")
+    for name, world in (("pp2", 2), ("dp2_pp2", 4)):
+        job = json.loads((out / name / "job.json").read_text())
+        script = (out / name / "job.sbatch").read_text()
+        assert "#SBATCH --no-requeue" in script and "#SBATCH --requeue" not in script
+        with open(os.path.join(job["run_dir"], "benchmark.json")) as f:
+            report = json.load(f)
+        r = rows[name]
+        assert (r["status"], r["world_size"], r["pp"], r["dp"]) == ("ok", world, 2, world // 2)
+        assert r["tokens_per_s"] == report["tokens_per_s"] and r["final_loss"] == report["loss"]["final"]
+        assert r["peak_memory_gib"] == max(report["peak_memory_gib"]) and len(report["peak_memory_gib"]) == world
+        assert f"benchmark job {job['job_id']}" in open(job["log"]).read()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert again.returncode == 1 and again.stdout.count("done before") == 2, again.stdout
+    assert "submitted" not in again.stdout
+    print(f"\nablation under SLURM: 2 benchmark jobs + 1 refused layout, rerun skipped; "
+          f"test wall {time.time() - started:.0f} s")

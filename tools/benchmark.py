@@ -49,15 +49,23 @@ def peak_tflops(cfg, cluster_path):
     return peak, f"cluster {profile.name}: {key}" if peak else f"cluster profile {profile.name} has no {key}"
 
 
+def layout(cfg, world_size: int) -> dict:
+    """The report's `layout`: how `cfg` splits over `world_size` ranks."""
+    p, t = cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp)
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp, "dp": dp,
+            "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "num_microbatches": t.global_batch_size // (t.micro_batch_size * dp), "recompute": p.recompute}
+
+
 def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str) -> dict:
     """The JSON report from the timed steps' metrics (each with every rank's record)."""
     from megatron_mm.training import step_timers
 
-    p, t = cfg.parallel, cfg.train
-    dp = world_size // (p.tp * p.pp)
     times = [r["step_time_s"] for r in records]
     mean = statistics.fmean(times)
-    tokens = t.global_batch_size * cfg.model.seq_length
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
     flops = statistics.fmean(r["flops"] for r in records)
     tflops = sum(r["flops"] for r in records) / sum(times) / world_size / 1e12
     ranks = []
@@ -70,10 +78,7 @@ def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str)
                       "timers_s": {name: s for name, s in timers.items() if s > 0}})
     return {
         "world_size": world_size,
-        "layout": {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp, "dp": dp,
-                   "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
-                   "global_batch_size": t.global_batch_size,
-                   "num_microbatches": t.global_batch_size // (t.micro_batch_size * dp), "recompute": p.recompute},
+        "layout": layout(cfg, world_size),
         "precision": {"dtype": cfg.precision.dtype, "fp8": cfg.precision.fp8},
         "timed_steps": [r["step"] for r in records],
         "step_time_s": {"mean": mean, "min": min(times), "max": max(times), "per_step": times},

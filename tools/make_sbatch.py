@@ -1,9 +1,15 @@
-"""Write an sbatch script that trains a config on a SLURM cluster, and show its rank map.
+"""Write an sbatch script that trains (or benchmarks) a config on a SLURM cluster, and show
+its rank map.
 
     python tools/make_sbatch.py --config F --cluster configs/clusters/NAME.yaml --nodes N \
         [--set k=v ...] [--out FILE] [--print-map] [--map-nodes K] [--time D-HH:MM:SS] \
         [--partition P] [--account A] [--qos Q] [--job-name NAME] [--runs-root DIR] \
-        [--repo DIR] [--python PY] [--setup CMD] [--signal-minutes M] [--max-restarts R]
+        [--repo DIR] [--python PY] [--setup CMD] [--signal-minutes M] [--max-restarts R] \
+        [--benchmark STEPS[,WARMUP]]
+
+--benchmark writes a job that runs tools/benchmark.py instead of training (from
+slurm/benchmark.sbatch.in: no checkpoints, no requeue; its JSON report goes to
+$RUN_DIR/benchmark.json, MFU against the cluster profile's peak).
 
 The config (with --set overrides and the cluster's MFU peak) is validated against the
 cluster (`validate` with the profile's Hardware: FP8, GPUs per node, GPU memory) for
@@ -32,6 +38,7 @@ from megatron_mm.planning.cluster import ClusterProfile, load_cluster  # noqa: E
 from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
 
 TEMPLATE = os.path.join(ROOT, "slurm", "pretrain.sbatch.in")
+BENCHMARK_TEMPLATE = os.path.join(ROOT, "slurm", "benchmark.sbatch.in")
 TIME_FORMATS = (r"\d+", r"\d+:\d{2}", r"\d+:\d{2}:\d{2}", r"\d+-\d+", r"\d+-\d+:\d{2}", r"\d+-\d+:\d{2}:\d{2}")
 
 
@@ -58,7 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--signal-minutes", type=int, default=10,
                         help="SIGUSR1 this long before the time limit: checkpoint and requeue (default 10)")
     parser.add_argument("--max-restarts", type=int, default=20, help="requeue at most this many times")
+    parser.add_argument("--benchmark", type=benchmark_steps, metavar="STEPS[,WARMUP]",
+                        help="a job that runs tools/benchmark.py: STEPS timed steps after WARMUP (default 2)")
     return parser.parse_args(argv)
+
+
+def benchmark_steps(text: str) -> tuple[int, int]:
+    """--benchmark STEPS[,WARMUP] as (steps, warmup)."""
+    steps, _, warmup = text.partition(",")
+    try:
+        pair = int(steps), int(warmup or 2)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEPS or STEPS,WARMUP (integers)") from None
+    if pair[0] < 1 or pair[1] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: STEPS must be >= 1 and WARMUP >= 0")
+    return pair
 
 
 def time_minutes(text: str) -> int:
@@ -80,6 +101,8 @@ def check_request(args, cluster: ClusterProfile) -> list[str]:
         problems.append(f"--nodes={args.nodes}: must be at least 1")
     if not any(re.fullmatch(f, args.time) for f in TIME_FORMATS):
         problems.append(f"--time={args.time}: must be minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
+    elif args.benchmark:
+        pass  # no checkpoint signal, no requeue
     elif args.signal_minutes >= time_minutes(args.time):
         problems.append(f"--signal-minutes={args.signal_minutes}: must be shorter than --time={args.time}, "
                         f"or the checkpoint signal would come before the job starts training")
@@ -168,7 +191,10 @@ def render(args, cluster: ClusterProfile, cfg, overrides: list[str], world: int,
         "CONFIG": q(config),
         "OVERRIDES": "".join(f"  --set {q(o)} \\\n" for o in overrides),
     }
-    with open(TEMPLATE) as f:
+    if args.benchmark:
+        steps, warmup = args.benchmark
+        values["BENCHMARK_ARGS"] = f"--steps {steps} --warmup {warmup} --cluster {q(project_path(args.cluster))}"
+    with open(BENCHMARK_TEMPLATE if args.benchmark else TEMPLATE) as f:
         text = f.read()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)

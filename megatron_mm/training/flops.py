@@ -253,8 +253,10 @@ def step_training_flops_by_part(cfg: Config, tokens: int, images: int = 0, clips
     position of every sequence, media placeholders and padding included), `images` images
     and `clips` audio clips, by part: "decoder", "mtp" (the MTP layers without their head
     pass), "lm_head" (the main and the MTP head passes), and "vision_encoder",
-    "vision_projector", "audio_encoder", "audio_projector" where configured."""
-    m, recompute, frozen = cfg.model, cfg.parallel.recompute, cfg.train.freeze.language_model
+    "vision_projector", "audio_encoder", "audio_projector" where configured. `recompute`:
+    None for the config's parallel.recompute, or "none" / "full"."""
+    m, frozen = cfg.model, cfg.train.freeze.language_model
+    recompute = cfg.parallel.recompute if recompute is None else recompute
     _check_recompute(recompute)
     parts = {
         "decoder": tokens * sum(layer_training_flops_per_token(m, recompute, frozen)),
