@@ -77,7 +77,7 @@ COLUMNS = [
     ("tokens_per_s_per_gpu", "tokens/s/GPU", "{:.0f}"),
     ("tflops_per_gpu", "TFLOP/s/GPU", "{:.3g}"),
     ("mfu", "MFU", "{:.1%}"),
-    ("peak_memory_gib", "peak memory GiB (max rank)", "{:.3f}"),
+    ("peak_memory_gib", "peak memory GiB (max rank)", "{:.3g}"),
     ("estimated_memory_gib", "estimate GiB", "{:.3g}"),
     ("estimate_over_measured", "estimate / measured", "{:.3g}"),
     ("final_loss", "final loss", "{:.4f}"),
@@ -516,7 +516,7 @@ def run_layout(args, layout: Layout, folder: Folder, problem: str | None, note) 
 
 def summary(report: dict) -> str:
     return (f"{report['step_time_s']['mean']:.3f} s/step, {report['tokens_per_s']:.0f} tokens/s, "
-            f"peak {max(report['peak_memory_gib']):.2f} GiB, loss {report['loss']['final']:.4f}")
+            f"peak {max(report['peak_memory_gib']):.3g} GiB, loss {report['loss']['final']:.4f}")
 
 
 def wait_for_jobs(args, waiting: dict) -> list[str]:
