@@ -384,12 +384,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(4 + 1.1 * max(len(ok), 2), 4.5))
     speed.bar(x, [r["tokens_per_s"] for r in ok], color="tab:blue")
     speed.set(title="throughput", ylabel="tokens/s")
-    nan = lambda v: math.nan if v is None else v  # noqa: E731
-    memory.bar([i - 0.2 for i in x], [r["peak_memory_gib"] for r in ok], 0.4, label="measured (max over ranks)",
-               color="tab:orange")
-    memory.bar([i + 0.2 for i in x], [nan(r["estimated_memory_gib"]) for r in ok], 0.4, label="planner estimate",
+    gib = max(max(r["peak_memory_gib"] for r in ok), max(r["estimated_memory_gib"] or 0 for r in ok)) >= 1
+    unit, scale = ("GiB", 1) if gib else ("MiB", 1024)  # a tiny model's megabytes read better as MiB
+    size = lambda v: math.nan if v is None else v * scale  # noqa: E731
+    memory.bar([i - 0.2 for i in x], [size(r["peak_memory_gib"]) for r in ok], 0.4,
+               label="measured (max over ranks)", color="tab:orange")
+    memory.bar([i + 0.2 for i in x], [size(r["estimated_memory_gib"]) for r in ok], 0.4, label="planner estimate",
                color="tab:gray")
-    memory.set(title="peak memory a rank", ylabel="GiB (log scale)", yscale="log")
+    memory.set(title="peak memory a rank", ylabel=unit)
     for ax in (speed, memory):
         ax.set_xticks(x, [r["layout"] for r in ok], rotation=40, ha="right")
     fig.suptitle(title)
