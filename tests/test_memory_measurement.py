@@ -11,10 +11,9 @@ pipeline stage against the largest rank's peak:
     PP2 (2 ranks), 4 micro-batches of 1     2.99 / 3.84 MiB = 0.778
     TP2 + SP (2 ranks), micro-batch 2       3.62 / 4.67 MiB = 0.776
     EP2 (2 ranks)                           3.99 / 4.75 MiB = 0.842
+    1 rank, parallel.recompute=full                                 0.897
     (also measured, not run here: PP2 micro-batch 2 0.715, PP2 x VPP2 0.758, 1 rank
-    micro-batch 4 0.799; with parallel.recompute=full, which megatron-core cannot run on CPU
-    (its CheckpointFunction reads the CUDA RNG state) until patched to skip that: 1 rank
-    0.897, PP2 0.955)
+    micro-batch 4 0.799, PP2 with recompute=full 0.955)
 
 The estimate stays below the measurement: it leaves out temporaries (gradients of activations
 during backward, the optimizer step's scratch), and on CPU PyTorch's math attention keeps the
@@ -49,6 +48,7 @@ LAYOUTS = {  # name: (ranks, overrides, estimate / measured on this machine)
     "pp2": (2, ["parallel.pp=2"], 0.778),
     "tp2_sp_mbs2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=2"], 0.776),
     "ep2": (2, ["parallel.ep=2"], 0.842),
+    "one_rank_recompute": (1, ["parallel.recompute=full"], 0.897),
 }
 
 

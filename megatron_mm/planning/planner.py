@@ -66,7 +66,7 @@ from megatron_mm.config import Config, ConfigError, validate
 from megatron_mm.models import pipeline_split
 from megatron_mm.planning.cluster import ClusterProfile
 from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory
-from megatron_mm.training.flops import layer_forward_flops_per_token, training_flops_per_token
+from megatron_mm.training.flops import training_flops_per_token
 
 MATMUL_EFFICIENCY = 0.45  # fraction of the dense peak a training step's GEMMs reach (assumed)
 LINK_EFFICIENCY = 0.8  # fraction of a link's nominal bandwidth collectives reach (assumed)
@@ -166,17 +166,10 @@ class PlanResult:
 
 
 def stage_training_flops(cfg: Config, layers: list[int]) -> list[float]:
-    """Training FLOPs per sequence of each pipeline stage: `pipeline_split.stage_flops` (3 x
-    forward: decoder layers, LM head and MTP layers on the last stage, encoders on the first)
-    plus, with full recomputation, one more forward of the stage's decoder layers. (The one
-    place to move onto training/flops.py's `recompute` keyword once it has one.)"""
-    costs, _ = pipeline_split.stage_flops(cfg, layers)
-    if cfg.parallel.recompute == "full":
-        per_layer = layer_forward_flops_per_token(cfg.model)
-        vpp = cfg.parallel.vpp if cfg.parallel.pp > 1 else None
-        for stage, indices in enumerate(pipeline_split.stage_layer_indices(layers, vpp)):
-            costs[stage] += cfg.model.seq_length * sum(per_layer[i] for i in indices)
-    return costs
+    """Training FLOPs per sequence of each pipeline stage: `pipeline_split.stage_flops` (decoder
+    layers, LM head and MTP layers on the last stage, encoders on the first; with
+    `parallel.recompute=full` one more forward of the decoder and MTP layers, training/flops.py)."""
+    return pipeline_split.stage_flops(cfg, layers)[0]
 
 
 def peak_flops(cfg: Config, cluster: ClusterProfile) -> float:
