@@ -101,7 +101,7 @@ def count(name: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_mm.config import load_config
-    from megatron_mm.models.attention_mask import document_attention_mask
+    from megatron_mm.models.attention_mask import one_sample_rows_mask
     from megatron_mm.models.gpt import transformer_config
     from megatron_mm.runtime import compat
     from megatron_mm.runtime import distributed as runtime
@@ -118,8 +118,7 @@ def count(name: str) -> dict:
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
     model = build_model(cfg, tc, hardware, PLACEHOLDERS)[0]
     ids, positions, media = _batch(cfg)
-    # one sample a row: the block-causal mask a packed batch would get is plain causal here
-    mask = document_attention_mask(torch.ones_like(ids)) if cfg.masks_documents else None
+    mask = one_sample_rows_mask(cfg.masks_documents, ids)
     result = {"batch": {"tokens": ids.numel(), "images": IMAGES if "images" in media else 0,
                         "clips": CLIPS if "mels" in media else 0}}
     with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:

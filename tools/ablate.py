@@ -345,7 +345,7 @@ def row(layout: Layout, cfg, folder: Folder) -> dict:
     r.update(world_size=report["world_size"], step_time_s=report["step_time_s"]["mean"],
              tokens_per_s=report["tokens_per_s"], tokens_per_s_per_gpu=report["tokens_per_s_per_gpu"],
              tflops_per_gpu=report["tflops_per_gpu"], mfu=report["mfu"],
-             peak_memory_gib=max(report["peak_memory_gib"]), final_loss=report["loss"]["final"], status="ok", error="")
+             peak_memory_gib=max(report["peak_memory_gib"], key=lambda v: -1 if v is None else v), final_loss=report["loss"]["final"], status="ok", error="")
     if r["estimated_memory_gib"] is not None and r["peak_memory_gib"]:
         r["estimate_over_measured"] = r["estimated_memory_gib"] / r["peak_memory_gib"]
     return {name: r[name] for name, _, _ in COLUMNS}
@@ -384,7 +384,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(4 + 1.1 * max(len(ok), 2), 4.5))
     speed.bar(x, [r["tokens_per_s"] for r in ok], color="tab:blue")
     speed.set(title="throughput", ylabel="tokens/s")
-    gib = max(max(r["peak_memory_gib"] for r in ok), max(r["estimated_memory_gib"] or 0 for r in ok)) >= 1
+    gib = max(max(r["peak_memory_gib"] or 0 for r in ok), max(r["estimated_memory_gib"] or 0 for r in ok)) >= 1
     unit, scale = ("GiB", 1) if gib else ("MiB", 1024)  # a tiny model's megabytes read better as MiB
     size = lambda v: math.nan if v is None else v * scale  # noqa: E731
     memory.bar([i - 0.2 for i in x], [size(r["peak_memory_gib"]) for r in ok], 0.4,

@@ -227,7 +227,8 @@ def report(args, cluster: ClusterProfile, cfg, world: int, est: MemoryEstimate, 
         say(f"MFU against {cfg.logging.peak_tflops_per_gpu:g} TFLOP/s a GPU (logging.peak_tflops_per_gpu)")
     say(f"memory a GPU (planner estimate; {cfg.precision.dtype} weights, fp32 grads, "
         f"{cfg.train.optimizer.name} state {'sharded over DP by the distributed optimizer' if cfg.train.optimizer.use_distributed_optimizer else 'replicated'};"
-        f" activations without recomputation, see megatron_mm/planning/memory.py):")
+        f" activations {'with full' if cfg.parallel.recompute == 'full' else 'without'} recomputation,"
+        f" see megatron_mm/planning/memory.py):")
     for line in est.table():
         say("  " + line)
     worst = est.worst

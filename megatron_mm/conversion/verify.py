@@ -15,7 +15,7 @@ import torch
 
 from megatron_mm.config import Config, ParallelConfig
 from megatron_mm.conversion.hf_model import load_pretrained
-from megatron_mm.models.attention_mask import document_attention_mask
+from megatron_mm.models.attention_mask import one_sample_rows_mask
 
 
 def sample_inputs(cfg: Config, placeholder_ids: dict, batch: int = 2, seed: int = 0):
@@ -78,7 +78,7 @@ class MegatronReference:
         media = {k: v for k, v in (("images", images), ("mels", mels)) if v is not None}
         self.captured.clear()
         # labels make megatron run its MTP block (it needs them); the output is a loss we drop
-        attention_mask = document_attention_mask(torch.ones_like(tokens)) if self.cfg.masks_documents else None
+        attention_mask = one_sample_rows_mask(self.cfg.masks_documents, tokens)
         self.chunk(tokens, positions, attention_mask, labels=tokens, loss_mask=torch.ones_like(tokens, dtype=torch.float),
                    **media)
         head = self.chunk.output_layer

@@ -11,6 +11,8 @@ it only sees distances within a sample, the same wherever the sample sits.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -24,3 +26,10 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return ~(same & causal)[:, None]
+
+
+def one_sample_rows_mask(masks_documents: bool, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask for `tokens` [b, s] holding one sample a row (padding after it does not
+    matter: causal), for a model built with `masks_documents` (`Config.masks_documents`);
+    None for a model that takes none."""
+    return document_attention_mask(torch.ones_like(tokens)) if masks_documents else None

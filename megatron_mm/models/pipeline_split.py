@@ -127,6 +127,17 @@ def stage_flops(cfg: Config, layers: list[int]) -> tuple[list[float], float]:
     return costs, encoders
 
 
+def balanced(cfg: Config, candidates: list[list[int]]) -> list[int]:
+    """The candidate split whose slowest stage is fastest (then the next slowest, ...; then the
+    one closest to even), by `stage_flops` under `cfg`'s parallel settings."""
+    even = cfg.model.num_layers / len(candidates[0])
+
+    def key(split):
+        return sorted(stage_flops(cfg, split)[0], reverse=True), sum(abs(n - even) for n in split)
+
+    return min(candidates, key=key)
+
+
 def _megatron_reading(layers: list[int], num_layers: int, pp: int, first: Optional[int], last: Optional[int]):
     """`layers` as the two megatron-core fields: None/None for the even split."""
     if pp > 1 and num_layers % pp == 0 and all(n == num_layers // pp for n in layers):
@@ -143,12 +154,7 @@ def plan(cfg: Config) -> PipelineSplit:
         candidates = candidate_splits(L, pp, vpp, last=p.last_stage_layers)
         if not candidates:
             raise ValueError(f"no split of {L} layers over pp={pp} (vpp={vpp}); validate() should have said so")
-        even = L / pp
-
-        def key(split):  # slowest stage first, then the next slowest, ...; then closest to even
-            return sorted(stage_flops(cfg, split)[0], reverse=True), sum(abs(n - even) for n in split)
-
-        layers = min(candidates, key=key)
+        layers = balanced(cfg, candidates)
         first, last = _megatron_reading(layers, L, pp, layers[0], layers[-1])
         source = "auto"
     elif pp > 1 and (p.first_stage_layers is not None or p.last_stage_layers is not None):

@@ -43,9 +43,11 @@ with flash/SDPA attention (no seq x seq score matrix kept), per token:
   Not counted: temporary buffers (gradients of activations during backward, the optimizer
   step's scratch), communication buffers, allocator fragmentation — the cluster profile's
   `reserved_memory_gib` stands for them. Checked against measured peaks of CPU runs of the
-  tiny model (tests/test_memory_measurement.py): the estimate is 0.78-0.88 of the measured
+  tiny model (tests/test_memory_measurement.py): the estimate is 0.72-0.96 of the measured
   peak there, the rest being those temporaries and the CPU's math attention, which keeps the
-  heads x seq x seq scores this estimate assumes a flash kernel does not.
+  heads x seq x seq scores this estimate assumes a flash kernel does not. Nor does it count
+  them where a GPU keeps them too: with `data.document_mask` (multimodal sources) the decoder's
+  attention takes a dense mask, and Transformer Engine then runs its unfused attention.
 
 `validate` refuses a layout whose model state alone does not fit (given a GPU memory size);
 the sbatch generator prints the full table.

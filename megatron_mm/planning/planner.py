@@ -23,7 +23,7 @@ the data-parallel gradient exchange. Nothing overlaps: this project's DDP runs w
 overlap_grad_reduce off, and communication inside a micro-batch is counted beside compute
 (megatron-core can overlap some of it on GPUs, so real steps can be faster). Per micro-batch on
 one GPU of a stage:
-  * compute: the stage's training FLOPs (`stage_training_flops`: 3 x forward of its decoder
+  * compute: the stage's training FLOPs (`pipeline_split.stage_flops`: 3 x forward of its decoder
     layers, LM head and MTP layers on the last stage, encoders on the first; with recompute=full
     one more forward of the decoder layers) / tp, at `MATMUL_EFFICIENCY` x the cluster's dense
     peak (`peak_flops`: BF16; FP8 when precision.fp8 is set, optimistic as attention stays in
@@ -66,7 +66,7 @@ from megatron_mm.config import Config, ConfigError, validate
 from megatron_mm.models import pipeline_split
 from megatron_mm.planning.cluster import ClusterProfile
 from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory
-from megatron_mm.training.flops import training_flops_per_token
+from megatron_mm.training.flops import step_training_flops
 
 MATMUL_EFFICIENCY = 0.45  # fraction of the dense peak a training step's GEMMs reach (assumed)
 LINK_EFFICIENCY = 0.8  # fraction of a link's nominal bandwidth collectives reach (assumed)
@@ -165,11 +165,12 @@ class PlanResult:
 # --------------------------------------------------------------------------- time model
 
 
-def stage_training_flops(cfg: Config, layers: list[int]) -> list[float]:
-    """Training FLOPs per sequence of each pipeline stage: `pipeline_split.stage_flops` (decoder
-    layers, LM head and MTP layers on the last stage, encoders on the first; with
-    `parallel.recompute=full` one more forward of the decoder and MTP layers, training/flops.py)."""
-    return pipeline_split.stage_flops(cfg, layers)[0]
+def model_flops_per_step(cfg: Config) -> float:
+    """Model FLOPs of a step for MFU, as training reports it (`loop.step_flops`: no
+    recomputation), with one image and one audio clip a sequence (`pipeline_split`'s assumption)."""
+    sequences = cfg.train.global_batch_size
+    return step_training_flops(cfg, sequences * cfg.model.seq_length, images=sequences if cfg.model.vision else 0,
+                               clips=sequences if cfg.model.audio else 0, recompute="none")
 
 
 def peak_flops(cfg: Config, cluster: ClusterProfile) -> float:
@@ -212,7 +213,7 @@ def step_time(cfg: Config, gpus: int, cluster: ClusterProfile, memory: MemoryEst
     activation = tokens * m.hidden_size * w  # one [seq, mbs, hidden] tensor, whole
 
     layers = pipeline_split.plan(cfg).layers
-    flops = stage_training_flops(cfg, layers)
+    flops = pipeline_split.stage_flops(cfg, layers)[0]
     dense_layers = m.first_k_dense_layers if m.is_moe else m.num_layers
     stage_indices = pipeline_split.stage_layer_indices(layers, p.vpp if p.pp > 1 else None)
 
@@ -271,7 +272,7 @@ def pipeline_split_for(cfg: Config, pp: int, vpp: Optional[int]) -> Optional[tup
     if not splits:
         return None
     probe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, vpp=vpp))
-    best = min(splits, key=lambda split: sorted(pipeline_split.stage_flops(probe, split)[0], reverse=True))
+    best = pipeline_split.balanced(probe, splits)
     return best[0], best[-1]
 
 
@@ -315,7 +316,6 @@ def plan_layouts(cfg: Config, cluster: ClusterProfile, gpus: int,
     hardware = cluster.hardware()
     usable = cluster.gpu_memory_gib - cluster.reserved_memory_gib
     result = PlanResult(gpus, usable, [])
-    flops_per_token = training_flops_per_token(cfg.model)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     peak = peak_flops(cfg, cluster)
     for layout in candidate_layouts(cfg, gpus, cluster.gpus_per_node, micro_batch_sizes):
@@ -339,7 +339,7 @@ def plan_layouts(cfg: Config, cluster: ClusterProfile, gpus: int,
             layout=layout, dp=memory.dp, expert_dp=memory.expert_dp, microbatches=memory.microbatches,
             stage_layers=[s.layers for s in memory.stages], memory=memory, time=time,
             tokens_per_s=tokens_per_step / time.total,
-            mfu=flops_per_token * tokens_per_step / time.total / gpus / peak,
+            mfu=model_flops_per_step(c) / time.total / gpus / peak,
         ))
     result.ranked.sort(key=lambda cand: cand.time.total)
     return result

@@ -183,8 +183,8 @@ def restore_rng_state(state: dict) -> None:
 class PeakMemory:
     """Peak memory of this rank's tensors: what `megatron_mm.planning.memory` estimates
     (weights, gradients, optimizer state, activations), plus the temporaries of the moment.
-    The loop calls `step_done` after every step and logs `peak_gib` (a collective: the
-    maximum over all ranks).
+    The loop calls `step_start` before and `step_done` after every step and logs `peak_gib` (a
+    collective: the maximum over all ranks).
 
     GPU: the CUDA caching allocator's peak since the model was built, `max_memory_allocated`.
 
@@ -217,18 +217,19 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    def step_done(self, last: bool) -> None:
-        """After each training step; `last`: no further step follows in this process."""
-        self.steps += 1
-        if self.device.type == "cuda":
-            return
-        if self.steps == 1 and not last:
+    def step_start(self) -> None:
+        """Before each training step: on CPU, step 2 starts the measurement."""
+        if self.device.type != "cuda" and self.steps == 1:
             from torch.profiler import ProfilerActivity, profile
 
             self._alive_at_start = live_cpu_storages()
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.start()
-        elif self._profiler is not None:
+
+    def step_done(self) -> None:
+        """After each training step: on CPU, step 2 ends the measurement."""
+        self.steps += 1
+        if self._profiler is not None:
             self._profiler.stop()
             events = self._profiler.profiler.kineto_results.experimental_event_tree()
             self.cpu_peak_bytes = cpu_tensor_peak_bytes(events, self._alive_at_start, live_cpu_storages())

@@ -22,7 +22,7 @@ from megatron_mm.data.multimodal.demo import (
     AUDIO_QUESTIONS, IMAGE_QUESTIONS, answer, describe_audio, describe_image,
 )
 from megatron_mm.data.multimodal.demo_media import COLOURS, PITCHES, SHAPES, SOUNDS
-from megatron_mm.models.attention_mask import document_attention_mask
+from megatron_mm.models.attention_mask import one_sample_rows_mask
 from megatron_mm.models.gpt import transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
@@ -77,7 +77,7 @@ def _sequence_logprobs(model, device, masks_documents: bool, batch: list, media:
     tokens, mask = torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
-    attention_mask = document_attention_mask(torch.ones_like(inputs)) if masks_documents else None
+    attention_mask = one_sample_rows_mask(masks_documents, inputs)
     losses = model(inputs, positions, attention_mask, labels=labels, **media)  # [b, s] per-token loss
     return -(losses.float() * mask[:, 1:]).sum(dim=1)
 

@@ -335,6 +335,7 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
     last: dict = {}
     saved_at = start
     for step in range(start + 1, t.steps + 1):
+        memory.step_start()
         started = time.perf_counter()
         iterators = data.iterators(step, num_microbatches, len(model))
         for chunk in model:
@@ -359,7 +360,7 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
             timers("optimizer").stop()
         step_time = time.perf_counter() - started
         timed = step_timers.read(timers) if timers is not None else None
-        memory.step_done(last=step == t.steps)
+        memory.step_done()
 
         if step % cfg.logging.interval == 0 or step == t.steps:
             metrics = reduce_step_losses(losses, num_microbatches, cfg.model.mtp_num_layers, device)
