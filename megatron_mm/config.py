@@ -349,7 +349,12 @@ def _parse_yaml(text: str, where: str) -> Any:
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load a YAML file (which may name a `base:` file relative to itself) and apply
     `dotted.key=value` overrides, values parsed as YAML scalars."""
-    tree = _read_yaml_tree(path) if path else {}
+    return config_from_tree(_read_yaml_tree(path) if path else {}, overrides)
+
+
+def config_from_tree(tree: dict, overrides: Optional[list[str]] = None) -> Config:
+    """A Config from a nested dict (a YAML file's, or `to_dict` of a stored config) with
+    `dotted.key=value` overrides applied (`tree` is changed)."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError([f"--set {item!r}: expected dotted.key=value"])

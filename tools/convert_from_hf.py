@@ -14,14 +14,12 @@ rss_after_imports_gib).
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from megatron_mm.conversion.cli import DTYPES, run_conversion, torch_dtype  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,31 +36,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from megatron_mm.config import ConfigError, ParallelConfig, load_config
-    from megatron_mm.conversion.dcp import ConversionError
+    from megatron_mm.config import ParallelConfig, load_config
     from megatron_mm.conversion.from_hf import convert_from_hf
 
-    from megatron_mm.conversion.progress import peak_rss_gib
-
-    start = time.time()
-    baseline = peak_rss_gib()  # after imports
-    try:
+    def convert() -> dict:
         base = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
         parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
                                   sequence_parallel=args.tp > 1)
-        summary = convert_from_hf(args.hf, args.out, parallel, base,
-                                  dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-                                  iteration=args.iteration, progress=not args.no_progress)
-    except (ConversionError, ConfigError) as err:
-        print(f"conversion error: {err}".replace("\n", "\nconversion error: "), file=sys.stderr)
-        return 2
-    summary["seconds"] = round(time.time() - start, 2)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 3)
-    summary["rss_after_imports_gib"] = round(baseline, 3)
-    print(json.dumps(summary))
-    return 0
+        return convert_from_hf(args.hf, args.out, parallel, base, dtype=torch_dtype(args.dtype),
+                               iteration=args.iteration, progress=not args.no_progress)
+
+    return run_conversion(convert)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ rss_after_imports_gib).
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from megatron_mm.conversion.cli import DTYPES, run_conversion, torch_dtype  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,43 +36,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from megatron_mm.config import ConfigError, load_config
-    from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
+    from megatron_mm.config import config_from_tree, load_config, to_dict
+    from megatron_mm.conversion.dcp import DistCheckpointReader
     from megatron_mm.conversion.to_hf import config_of_checkpoint, convert_to_hf
 
-    from megatron_mm.conversion.progress import peak_rss_gib
-
-    start = time.time()
-    baseline = peak_rss_gib()  # after imports
-    try:
+    def convert() -> dict:
         cfg = None
-        if args.config or args.overrides:
-            if args.config:
-                cfg = load_config(args.config, args.overrides)
-            else:  # --set over the stored config
-                from megatron_mm.config import Config, _build, _set_dotted, to_dict
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+        elif args.overrides:  # --set over the stored config
+            cfg = config_from_tree(to_dict(config_of_checkpoint(DistCheckpointReader(args.checkpoint))), args.overrides)
+        return convert_to_hf(args.checkpoint, args.out, cfg, dtype=torch_dtype(args.dtype), tokenizer=args.tokenizer,
+                             max_shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.no_progress)
 
-                tree = to_dict(config_of_checkpoint(DistCheckpointReader(args.checkpoint)))
-                for item in args.overrides:
-                    if "=" not in item:
-                        raise ConfigError([f"--set {item!r}: expected dotted.key=value"])
-                    key, raw = item.split("=", 1)
-                    _set_dotted(tree, key.strip(), raw.strip())
-                cfg = _build(Config, tree)
-        summary = convert_to_hf(args.checkpoint, args.out, cfg,
-                                dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-                                tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_gib * 2**30),
-                                progress=not args.no_progress)
-    except (ConversionError, ConfigError) as err:
-        print(f"conversion error: {err}".replace("\n", "\nconversion error: "), file=sys.stderr)
-        return 2
-    summary["seconds"] = round(time.time() - start, 2)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 3)
-    summary["rss_after_imports_gib"] = round(baseline, 3)
-    print(json.dumps(summary))
-    return 0
+    return run_conversion(convert)
 
 
 if __name__ == "__main__":
