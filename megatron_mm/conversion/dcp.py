@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_mm.training.checkpoint_files import TRACKER
+from megatron_mm.training.checkpoint_files import TRACKER, tracked_iteration
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -59,20 +59,15 @@ def is_model_key(key: str) -> bool:
 
 def resolve_iteration_folder(path: str) -> str:
     """`path` is an `iter_*` folder or a checkpoints folder (its latest iteration)."""
-    if not os.path.isdir(path):
-        raise ConversionError(f"checkpoint {path}: no such folder")
-    tracker = os.path.join(path, TRACKER)
-    if os.path.exists(tracker):
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            raise ConversionError(f"checkpoint {path}: {TRACKER} is corrupt ({text[:40]!r})")
-        folder = os.path.join(path, f"iter_{int(text):07d}")
-        if not os.path.isdir(folder):
-            raise ConversionError(f"checkpoint {path}: {TRACKER} names iteration {int(text)} but {folder} is missing")
-        return folder
+    def fail(reason: str) -> ConversionError:
+        return ConversionError(f"checkpoint {path}: {reason}")
+
+    tracked = tracked_iteration(path, fail)
+    if tracked:
+        return tracked[0]
     if os.path.exists(os.path.join(path, ".metadata")) or os.path.exists(os.path.join(path, "metadata.json")):
         return path
-    raise ConversionError(f"checkpoint {path}: no checkpoint here (neither {TRACKER} nor an iteration folder)")
+    raise fail(f"no checkpoint here (neither {TRACKER} nor an iteration folder)")
 
 
 class _SliceLoadPlanner(LoadPlanner):

@@ -26,7 +26,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, to_dict
 from megatron_mm.runtime import distributed as runtime
-from megatron_mm.training.checkpoint_files import TRACKER, iteration_dir, layout_of, publish
+from megatron_mm.training.checkpoint_files import TRACKER, iteration_dir, layout_of, publish, tracked_iteration
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -38,26 +38,20 @@ class CheckpointError(RuntimeError):
 def resolve(path: str) -> tuple[str, int]:
     """`path` is a checkpoints folder (its latest iteration) or one `iter_*` folder.
     Returns (iteration folder, iteration) or raises CheckpointError saying what is wrong."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint.load={path}: no such folder")
-    tracker = os.path.join(path, TRACKER)
-    if os.path.exists(tracker):
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"checkpoint.load={path}: {TRACKER} is corrupt ({text[:40]!r})")
-        folder, iteration = iteration_dir(path, int(text)), int(text)
+    def fail(reason: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint.load={path}: {reason}")
+
+    tracked = tracked_iteration(path, fail)
+    if tracked:
+        folder, iteration = tracked
     elif os.path.basename(os.path.normpath(path)).startswith("iter_"):
         folder = path
         try:
             iteration = int(os.path.basename(os.path.normpath(path))[len("iter_"):])
         except ValueError:
-            raise CheckpointError(f"checkpoint.load={path}: cannot read an iteration from the name") from None
+            raise fail("cannot read an iteration from the name") from None
     else:
-        raise CheckpointError(
-            f"checkpoint.load={path}: no checkpoint here (neither {TRACKER} nor an iter_* folder)"
-        )
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"checkpoint.load={path}: {TRACKER} names iteration {iteration} but {folder} is missing")
+        raise fail(f"no checkpoint here (neither {TRACKER} nor an iter_* folder)")
     if not dist_checkpointing.check_is_distributed_checkpoint(folder):
         raise CheckpointError(f"checkpoint.load={folder}: not a complete distributed checkpoint (metadata missing)")
     return folder, iteration

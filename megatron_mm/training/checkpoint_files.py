@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Callable, Optional
 
 from megatron_mm.config import Config
 from megatron_mm.models import pipeline_split
@@ -19,6 +20,26 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def tracked_iteration(path: str, fail: Callable[[str], Exception]) -> Optional[tuple[str, int]]:
+    """(iteration folder, iteration) that the tracker of checkpoints folder `path` names, or
+    None when `path` has no tracker. A missing `path`, a corrupt tracker or a missing folder
+    raise `fail(reason)` (training and the converters word their errors differently)."""
+    if not os.path.isdir(path):
+        raise fail("no such folder")
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.exists(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise fail(f"{TRACKER} is corrupt ({text[:40]!r})")
+    iteration = int(text)
+    folder = iteration_dir(path, iteration)
+    if not os.path.isdir(folder):
+        raise fail(f"{TRACKER} names iteration {iteration} but {folder} is missing")
+    return folder, iteration
 
 
 def layout_of(cfg: Config, world_size: int) -> dict:
