@@ -144,11 +144,17 @@ def layer_training_flops_per_token(m: ModelConfig, recompute: str = "none", froz
     return [_training(parts, frozen, recompute == "full") for parts in _layer_parts(m)]
 
 
+def _head_training_parts(m: ModelConfig, recompute: str, frozen: bool) -> dict[str, float]:
+    """Per token: "mtp" (the MTP layers without their head pass) and "lm_head" (the main and
+    the MTP head passes, never recomputed)."""
+    _check_recompute(recompute)
+    return {"mtp": m.mtp_num_layers * _training(_mtp_layer_parts(m), frozen, recompute == "full"),
+            "lm_head": (1 + m.mtp_num_layers) * _training((lm_head_forward_flops(m), 0.0), frozen, False)}
+
+
 def head_training_flops_per_token(m: ModelConfig, recompute: str = "none", frozen: bool = False) -> float:
     """Training FLOPs per token of the LM head and the MTP layers (their heads not recomputed)."""
-    _check_recompute(recompute)
-    heads = (1 + m.mtp_num_layers) * _training((lm_head_forward_flops(m), 0.0), frozen, False)
-    return heads + m.mtp_num_layers * _training(_mtp_layer_parts(m), frozen, recompute == "full")
+    return sum(_head_training_parts(m, recompute, frozen).values())
 
 
 def training_flops_per_token(m: ModelConfig, recompute: str = "none", frozen: bool = False) -> float:
@@ -257,12 +263,8 @@ def step_training_flops_by_part(cfg: Config, tokens: int, images: int = 0, clips
     None for the config's parallel.recompute, or "none" / "full"."""
     m, frozen = cfg.model, cfg.train.freeze.language_model
     recompute = cfg.parallel.recompute if recompute is None else recompute
-    _check_recompute(recompute)
-    parts = {
-        "decoder": tokens * sum(layer_training_flops_per_token(m, recompute, frozen)),
-        "mtp": tokens * m.mtp_num_layers * _training(_mtp_layer_parts(m), frozen, recompute == "full"),
-        "lm_head": tokens * (1 + m.mtp_num_layers) * _training((lm_head_forward_flops(m), 0.0), frozen, False),
-    }
+    parts = {"decoder": tokens * sum(layer_training_flops_per_token(m, recompute, frozen)),
+             **{part: tokens * flops for part, flops in _head_training_parts(m, recompute, frozen).items()}}
     for kind, name, count in (("image", "vision", images), ("audio", "audio", clips)):
         per_sample = encoder_training_parts(m, cfg.train.freeze).get(kind)
         if per_sample is not None:
