@@ -175,6 +175,39 @@ class SchedulerConfig:
     decay_steps: Optional[int] = None  # None: train.steps
 
 
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """The learning-rate schedule a run uses (`schedule_steps`)."""
+
+    warmup_steps: int
+    decay_steps: int
+    note: Optional[str]  # one line when the configured steps were scaled to fit the run
+
+
+def schedule_steps(train: "TrainConfig") -> ScheduleSteps:
+    """Fit the configured schedule to a run of `train.steps` steps.
+
+    A short run of a config written for a long one (`--set train.steps=5`) would otherwise be
+    refused: decay steps beyond the run are cut to the run, and a warmup that does not end
+    before the run does is scaled to half the decay steps; `note` names the values used.
+    What a short run does not explain (decay steps shorter than the warmup in a run longer
+    than both) is left as it is, for `validate` to refuse."""
+    s, steps = train.scheduler, train.steps
+    warmup, decay = s.warmup_steps, s.decay_steps or steps
+    if steps <= 0 or warmup < 0 or decay <= 0:
+        return ScheduleSteps(warmup, decay, None)
+    if decay > steps:
+        decay = steps
+    if warmup >= decay and warmup >= steps:
+        warmup = decay // 2
+    if (warmup, decay) == (s.warmup_steps, s.decay_steps or steps):
+        return ScheduleSteps(warmup, decay, None)
+    configured = f"train.scheduler.warmup_steps={s.warmup_steps}" + (
+        f", decay_steps={s.decay_steps}" if s.decay_steps else "")
+    return ScheduleSteps(warmup, decay, f"schedule: {configured} scaled to this {steps}-step run: "
+                                        f"warmup_steps={warmup}, decay_steps={decay}")
+
+
 @dataclass
 class FreezeConfig:
     """Parts left out of training (LLaVA-style stage 1: only the projectors learn)."""
@@ -648,9 +681,13 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
     rule(s.decay_style in ("cosine", "linear", "constant", "inverse-square-root"),
          "train.scheduler.decay_style", s.decay_style,
          "must be cosine, linear, constant or inverse-square-root")
-    decay = s.decay_steps or t.steps
-    rule(t.steps == 0 or s.warmup_steps == 0 or 0 < s.warmup_steps < decay, "train.scheduler.warmup_steps",
-         s.warmup_steps, f"must be 0 or smaller than the decay steps ({decay})")
+    rule(s.warmup_steps >= 0, "train.scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
+    rule(s.decay_steps is None or s.decay_steps >= 1, "train.scheduler.decay_steps", s.decay_steps,
+         "must be >= 1 (or null: train.steps)")
+    fitted = schedule_steps(t)
+    rule(t.steps == 0 or s.warmup_steps < 0 or fitted.warmup_steps == 0
+         or fitted.warmup_steps < fitted.decay_steps, "train.scheduler.warmup_steps", s.warmup_steps,
+         f"must be 0 or smaller than train.scheduler.decay_steps ({s.decay_steps})")
 
     # Data, checkpoints, logging.
     d = cfg.data

@@ -19,7 +19,8 @@ import yaml
 
 from conftest import QUICKSTART, ROOT
 from megatron_mm.config import (
-    Config, ConfigError, Hardware, LoggingConfig, ModelConfig, OptimizerConfig, load_config, validate,
+    Config, ConfigError, Hardware, LoggingConfig, ModelConfig, OptimizerConfig, load_config, schedule_steps,
+    validate,
 )
 from megatron_mm.models.params import estimate_parameters
 
@@ -281,6 +282,11 @@ BAD = [
     bad("negative lr", "train.optimizer.lr=-1.0: must be > 0", ["train.optimizer.lr=-1"]),
     bad("min_lr > lr", "train.optimizer.min_lr=1.0: must be between 0 and train.optimizer.lr=0.003",
         ["train.optimizer.min_lr=1.0"]),
+    bad("negative warmup", "train.scheduler.warmup_steps=-1: must be >= 0", ["train.scheduler.warmup_steps=-1"]),
+    bad("zero decay steps", "train.scheduler.decay_steps=0: must be >= 1 (or null: train.steps)",
+        ["train.scheduler.decay_steps=0"]),
+    bad("decay shorter than warmup in a long run", "train.scheduler.warmup_steps=30: must be 0 or smaller than "
+        "train.scheduler.decay_steps (20)", ["train.scheduler.warmup_steps=30", "train.scheduler.decay_steps=20"]),
     bad("indexed without prefix", "data.prefix=None: is required when data.source=indexed",
         ["data.source=indexed", "data.tokenizer=tok.model"]),
     bad("indexed prefix without files", "data.prefix=/nonexistent/corpus: has no .bin/.idx pair "
@@ -444,3 +450,42 @@ def test_tiny_parameter_estimate():
     m.num_experts = None  # dense: every layer gets the ffn_hidden_size MLP, total == active + embedding
     e = estimate_parameters(m)
     assert e["total"] == e["active"] + e["embedding"]
+
+
+# --------------------------------------------------------------------------- short runs
+
+
+@pytest.mark.parametrize("steps,warmup,decay,expected", [
+    (100, 10, None, (10, 100, None)),   # fits: unchanged, nothing printed
+    (5, 20, None, (2, 5, "train.scheduler.warmup_steps=20 scaled to this 5-step run: warmup_steps=2, decay_steps=5")),
+    (2, 20, None, (1, 2, "train.scheduler.warmup_steps=20 scaled to this 2-step run: warmup_steps=1, decay_steps=2")),
+    (1, 20, None, (0, 1, "train.scheduler.warmup_steps=20 scaled to this 1-step run: warmup_steps=0, decay_steps=1")),
+    (20, 20, None, (10, 20, "train.scheduler.warmup_steps=20 scaled to this 20-step run: warmup_steps=10, "
+                            "decay_steps=20")),
+    (50, 10, 500, (10, 50, "train.scheduler.warmup_steps=10, decay_steps=500 scaled to this 50-step run: "
+                           "warmup_steps=10, decay_steps=50")),
+    (5, 100, 500, (2, 5, "train.scheduler.warmup_steps=100, decay_steps=500 scaled to this 5-step run: "
+                         "warmup_steps=2, decay_steps=5")),
+    (5, 0, None, (0, 5, None)),
+    (0, 20, None, (20, 0, None)),       # steps=0 writes the initial weights: no schedule is used
+    (1000, 30, 20, (30, 20, None)),     # not a short run: left for validate to refuse
+])
+def test_schedule_is_scaled_to_a_short_run(tiny, steps, warmup, decay, expected):
+    overrides = [f"train.steps={steps}", f"train.scheduler.warmup_steps={warmup}"]
+    overrides += [f"train.scheduler.decay_steps={decay}"] if decay else []
+    cfg = load_config(tiny, overrides)
+    fitted = schedule_steps(cfg.train)
+    note = expected[2] and f"schedule: {expected[2]}"
+    assert (fitted.warmup_steps, fitted.decay_steps, fitted.note) == (*expected[:2], note)
+    if expected[0] < expected[1] or expected[0] == 0 or steps == 0:
+        validate(cfg, 1, CPU)
+
+
+def test_shipped_configs_accept_short_runs():
+    """Every shipped run config validates for a 2-step run on its own layout (the quickstarts on
+    one CPU rank; the cluster layouts on their world size on H100s)."""
+    for name in ("quickstart.yaml", "quickstart_text.yaml"):
+        cfg = load_config(os.path.join(ROOT, "configs", name), ["train.steps=2"])
+        validate(cfg, 1, CPU)
+        assert schedule_steps(cfg.train).note == ("schedule: train.scheduler.warmup_steps=20 scaled to this 2-step "
+                                                  "run: warmup_steps=1, decay_steps=2")

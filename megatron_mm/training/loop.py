@@ -28,7 +28,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import unwrap_model
 
-from megatron_mm.config import Config, validate
+from megatron_mm.config import Config, schedule_steps, validate
 from megatron_mm.models import pipeline_split
 from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
@@ -100,6 +100,9 @@ def stage_parameter_counts(model, device) -> list[dict]:
 
 def build_optimizer(cfg: Config, tc, model):
     o, s = cfg.train.optimizer, cfg.train.scheduler
+    steps = schedule_steps(cfg.train)
+    if steps.note:
+        log0(steps.note)
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
             optimizer=o.name,
@@ -121,8 +124,8 @@ def build_optimizer(cfg: Config, tc, model):
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_steps,
-        lr_decay_steps=max(s.decay_steps or cfg.train.steps, s.warmup_steps + 1),  # steps=0: never used
+        lr_warmup_steps=steps.warmup_steps,
+        lr_decay_steps=max(steps.decay_steps, steps.warmup_steps + 1),  # steps=0: never used
         lr_decay_style=s.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
