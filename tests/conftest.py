@@ -42,5 +42,14 @@ def losses(run_dir: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data-cache"))
+def fresh_home(tmp_path_factory) -> str:
+    """A HOME for commands run as a user would type them (the configs' `~/.cache/megatron_mm`
+    is then a temporary folder), shared by the whole session so each data set is built once."""
+    return str(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="session")
+def data_cache(fresh_home) -> str:
+    """The configs' data cache under `fresh_home`: tests that name it and commands run with
+    HOME=fresh_home build the generated corpus and demo set once between them."""
+    return os.path.join(fresh_home, ".cache", "megatron_mm")
