@@ -18,11 +18,11 @@ from conftest import ROOT, free_port
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron_mm.config import ConfigError, Hardware, load_config, validate  # noqa: E402
-from megatron_mm.models.params import estimate_parameters  # noqa: E402
-from megatron_mm.models import pipeline_split
-from megatron_mm.planning.cluster import load_cluster  # noqa: E402
-from megatron_mm.planning.memory import (  # noqa: E402
+from megatron_mm.costs import pipeline_split  # noqa: E402
+from megatron_mm.costs.memory import (  # noqa: E402
     GIB, _layer_activation_elements, estimate_memory, in_flight_chunks, rank_parameters)
+from megatron_mm.models.params import estimate_parameters  # noqa: E402
+from megatron_mm.planning.cluster import load_cluster  # noqa: E402
 from megatron_mm.planning.planner import MATMUL_EFFICIENCY, Layout, plan_layouts  # noqa: E402
 
 TEXT = os.path.join(ROOT, "configs", "quickstart_text.yaml")

@@ -88,7 +88,7 @@ COLUMNS = [
 
 def estimated_memory_gib(cfg, world_size: int) -> float:
     """The planner's memory a GPU for this layout: its worst pipeline stage's total."""
-    from megatron_mm.planning.memory import GIB, estimate_memory
+    from megatron_mm.costs.memory import GIB, estimate_memory
 
     return estimate_memory(cfg, world_size).worst.total_bytes / GIB
 

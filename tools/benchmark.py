@@ -86,7 +86,7 @@ def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str)
         "tokens_per_s": tokens / mean,
         "tokens_per_s_per_gpu": tokens / mean / world_size,
         "flops_per_step": flops,
-        "flops_counted": "model FLOPs (training/flops.py): the language model over every position and the "
+        "flops_counted": "model FLOPs (costs/flops.py): the language model over every position and the "
                          "encoders over the step's images and clips; recomputation not counted",
         "tflops_per_gpu": tflops,
         "peak_tflops_per_gpu": peak,

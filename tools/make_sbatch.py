@@ -34,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_mm.config import ConfigError, load_config, validate  # noqa: E402
+from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
 from megatron_mm.planning.cluster import ClusterProfile, load_cluster  # noqa: E402
-from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
 
 TEMPLATE = os.path.join(ROOT, "slurm", "pretrain.sbatch.in")
 BENCHMARK_TEMPLATE = os.path.join(ROOT, "slurm", "benchmark.sbatch.in")
@@ -213,7 +213,7 @@ def report(args, cluster: ClusterProfile, cfg, world: int, est: MemoryEstimate, 
     say(f"layout: tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} vpp={p.vpp or '-'} -> dp={est.dp}, "
         f"expert dp={est.expert_dp}; {est.microbatches} micro-batch(es) of {cfg.train.micro_batch_size} "
         f"x {cfg.model.seq_length} tokens per step; megatron-core order {ORDER}")
-    from megatron_mm.models import pipeline_split
+    from megatron_mm.costs import pipeline_split
 
     layers = pipeline_split.plan(cfg).layers
     extras = ["embedding"] + (["encoders"] if cfg.model.vision or cfg.model.audio else [])
@@ -228,7 +228,7 @@ def report(args, cluster: ClusterProfile, cfg, world: int, est: MemoryEstimate, 
     say(f"memory a GPU (planner estimate; {cfg.precision.dtype} weights, fp32 grads, "
         f"{cfg.train.optimizer.name} state {'sharded over DP by the distributed optimizer' if cfg.train.optimizer.use_distributed_optimizer else 'replicated'};"
         f" activations {'with full' if cfg.parallel.recompute == 'full' else 'without'} recomputation,"
-        f" see megatron_mm/planning/memory.py):")
+        f" see megatron_mm/costs/memory.py):")
     for line in est.table():
         say("  " + line)
     worst = est.worst

@@ -29,13 +29,13 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, validate
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
+from megatron_mm.costs.flops import step_training_flops
 from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint, step_timers
-from megatron_mm.training.flops import step_training_flops
 from megatron_mm.training.metrics import MetricsLogger
 from megatron_mm.training.step_data import StepData
 

@@ -5,7 +5,7 @@ Two parts, per pipeline rank (every rank of a pipeline stage holds the same amou
 **Model state** — exact arithmetic over what `megatron_mm.models` builds, checked against
 built models (`tests/test_planning.py` counts the parameters of every rank under several
 layouts and compares):
-  * parameters of this rank: decoder layers of the stage (`models.pipeline_split.plan`), MLA
+  * parameters of this rank: decoder layers of the stage (`costs.pipeline_split.plan`), MLA
     projections and dense/shared-expert MLPs split by TP (column/row-parallel), norms and the
     router whole on every TP rank, `num_experts/ep` routed experts split by ETP, the
     embedding on stage 0 and the output layer + final norm on the last stage (split by TP
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_mm.config import Config, ModelConfig
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
 
 GIB = 2**30
 
