@@ -426,7 +426,7 @@ class Hardware:
     has_transformer_engine: bool = False
     device_name: str = "cpu"
     gpus_per_node: Optional[int] = None  # known for a cluster profile: ranks per node
-    gpu_memory_gib: Optional[float] = None  # memory of one GPU; None: not checked
+    gpu_memory_gib: Optional[float] = None  # memory of one GPU (planning.fit); None: not checked
     reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
 
 
@@ -678,19 +678,3 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
 
     if problems:
         raise ConfigError(problems)
-
-    # Memory, once the layout is known to be valid: the model state alone (weights, gradients,
-    # optimizer) must fit; activations are estimated and reported by the planner, not enforced.
-    if hardware.gpu_memory_gib:
-        from megatron_mm.costs.memory import estimate_memory
-
-        est = estimate_memory(cfg, world_size)
-        worst = max(est.stages, key=lambda st: st.model_state_bytes)
-        usable = hardware.gpu_memory_gib - hardware.reserved_memory_gib
-        need = worst.model_state_bytes / 2**30
-        rule(need <= usable, "parallel", est.layout_text(),
-             f"model state needs {need:.1f} GiB a GPU on pipeline stage {worst.stage} (weights, gradients, "
-             f"optimizer; planner estimate), more than the {usable:g} GiB usable of a "
-             f"{hardware.gpu_memory_gib:g} GiB {hardware.device_name}")
-        if problems:
-            raise ConfigError(problems)

@@ -12,8 +12,8 @@ slurm/benchmark.sbatch.in: no checkpoints, no requeue; its JSON report goes to
 $RUN_DIR/benchmark.json, MFU against the cluster profile's peak).
 
 The config (with --set overrides and the cluster's MFU peak) is validated against the
-cluster (`validate` with the profile's Hardware: FP8, GPUs per node, GPU memory) for
-nodes x GPUs-per-node ranks before anything is written; a request that cannot run is
+cluster (`validate` with the profile's Hardware: FP8, GPUs per node; `check_fits`: GPU
+memory) for nodes x GPUs-per-node ranks before anything is written; a request that cannot run is
 refused with one line per broken rule (`refused: key=value: rule`, exit 2).
 
 With --out the script goes to FILE and the report (layout, memory, map) to stdout, ending
@@ -35,7 +35,8 @@ sys.path.insert(0, ROOT)
 
 from megatron_mm.config import ConfigError, load_config, validate  # noqa: E402
 from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
-from megatron_mm.planning.cluster import ClusterProfile, load_cluster  # noqa: E402
+from megatron_mm.planning.cluster import ClusterProfile, load_cluster, project_path  # noqa: E402
+from megatron_mm.planning.fit import check_fits  # noqa: E402
 
 TEMPLATE = os.path.join(ROOT, "slurm", "pretrain.sbatch.in")
 BENCHMARK_TEMPLATE = os.path.join(ROOT, "slurm", "benchmark.sbatch.in")
@@ -129,6 +130,7 @@ def plan(args):
     cfg = load_config(args.config, overrides)
     world = args.nodes * cluster.gpus_per_node
     validate(cfg, world, cluster.hardware())
+    check_fits(cfg, world, cluster.hardware())
     return cluster, cfg, overrides, world, estimate_memory(cfg, world)
 
 
@@ -136,13 +138,6 @@ def memory_summary(est: MemoryEstimate) -> str:
     w = est.worst
     return (f"stage {w.stage}: model state {w.model_state_bytes / GIB:.1f} GiB + activations "
             f"{w.activation_bytes / GIB:.1f} GiB ({w.in_flight} in flight) = {w.total_bytes / GIB:.1f} GiB")
-
-
-def project_path(path: str) -> str:
-    """A file of this project relative to the checkout (the job runs from its own checkout),
-    any other file absolute."""
-    path = os.path.abspath(path)
-    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def render(args, cluster: ClusterProfile, cfg, overrides: list[str], world: int, est: MemoryEstimate,

@@ -49,8 +49,8 @@ with flash/SDPA attention (no seq x seq score matrix kept), per token:
   them where a GPU keeps them too: with `data.document_mask` (multimodal sources) the decoder's
   attention takes a dense mask, and Transformer Engine then runs its unfused attention.
 
-`validate` refuses a layout whose model state alone does not fit (given a GPU memory size);
-the sbatch generator prints the full table.
+`planning.fit.check_fits` refuses a layout whose model state alone does not fit (given a GPU
+memory size); the sbatch generator prints the full table.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     """Per-GPU memory of `cfg` on `world_size` ranks, for every pipeline stage. Assumes a
-    config `validate` accepts for that world size (apart from this memory check itself)."""
+    config `validate` accepts for that world size."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp)
     expert_dp = world_size // (p.etp * p.ep * p.pp)
