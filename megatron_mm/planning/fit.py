@@ -9,7 +9,7 @@ stage. Activations are estimated and reported by the planner, not enforced.
 from __future__ import annotations
 
 from megatron_mm.config import Config, ConfigError, Hardware
-from megatron_mm.costs.memory import estimate_memory
+from megatron_mm.costs.memory import GIB, estimate_memory
 
 
 def check_fits(cfg: Config, world_size: int, hardware: Hardware) -> None:
@@ -20,7 +20,7 @@ def check_fits(cfg: Config, world_size: int, hardware: Hardware) -> None:
     est = estimate_memory(cfg, world_size)
     worst = max(est.stages, key=lambda st: st.model_state_bytes)
     usable = hardware.gpu_memory_gib - hardware.reserved_memory_gib
-    need = worst.model_state_bytes / 2**30
+    need = worst.model_state_bytes / GIB
     if need > usable:
         raise ConfigError([
             f"parallel={est.layout_text()}: model state needs {need:.1f} GiB a GPU on pipeline stage "
