@@ -140,7 +140,7 @@ class ParallelConfig:
     # Decoder layers on the first / last pipeline stage (megatron-core's
     # num_layers_in_first/last_pipeline_stage); the other stages share the rest evenly.
     # first_stage_layers null on a multimodal model with pp > 1: chosen to balance the
-    # encoders' cost on stage 0 (models/pipeline_split.py); otherwise null is the even split.
+    # encoders' cost on stage 0 (costs/pipeline_split.py); otherwise null is the even split.
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
     # Activation recomputation: none, or full (every decoder layer keeps only its input and
@@ -459,7 +459,7 @@ class Hardware:
     has_transformer_engine: bool = False
     device_name: str = "cpu"
     gpus_per_node: Optional[int] = None  # known for a cluster profile: ranks per node
-    gpu_memory_gib: Optional[float] = None  # memory of one GPU; None: not checked
+    gpu_memory_gib: Optional[float] = None  # memory of one GPU (planning.fit); None: not checked
     reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
 
 
@@ -607,7 +607,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
                  f"gives {microbatches} micro-batches, which the interleaved schedule needs "
                  f"divisible by parallel.pp={p.pp}")
     # Pipeline split: the rules megatron-core's TransformerConfig applies to
-    # num_layers_in_first/last_pipeline_stage (models/pipeline_split.py has the split itself).
+    # num_layers_in_first/last_pipeline_stage (costs/pipeline_split.py has the split itself).
     L, v = m.num_layers, p.vpp if p.vpp and p.vpp >= 1 else 1
     chunks = p.pp * v
     uneven_fits = p.pp > 1 and L % v == 0 and L >= chunks  # some [first, middle..., last] split exists
@@ -715,19 +715,3 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
 
     if problems:
         raise ConfigError(problems)
-
-    # Memory, once the layout is known to be valid: the model state alone (weights, gradients,
-    # optimizer) must fit; activations are estimated and reported by the planner, not enforced.
-    if hardware.gpu_memory_gib:
-        from megatron_mm.planning.memory import estimate_memory
-
-        est = estimate_memory(cfg, world_size)
-        worst = max(est.stages, key=lambda st: st.model_state_bytes)
-        usable = hardware.gpu_memory_gib - hardware.reserved_memory_gib
-        need = worst.model_state_bytes / 2**30
-        rule(need <= usable, "parallel", est.layout_text(),
-             f"model state needs {need:.1f} GiB a GPU on pipeline stage {worst.stage} (weights, gradients, "
-             f"optimizer; planner estimate), more than the {usable:g} GiB usable of a "
-             f"{hardware.gpu_memory_gib:g} GiB {hardware.device_name}")
-        if problems:
-            raise ConfigError(problems)

@@ -11,7 +11,7 @@ counter's formula table and would count 0. It is priced here as the counter pric
 math path (what MLA's SDPA runs, its query and value head sizes differing): the two forward
 GEMMs (scores, values) and, in backward, the four gradient GEMMs; not the recomputation of
 the scores a flash-style backward also does (torch's `sdpa_backward_flop_count` adds it),
-which training/flops.py does not count either. Both paths compute the whole score matrix:
+which costs/flops.py does not count either. Both paths compute the whole score matrix:
 causal attention is counted at every key.
 """
 

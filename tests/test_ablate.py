@@ -62,7 +62,7 @@ def decimals(cell: str) -> int:
 
 def test_csv_and_markdown_hold_the_reports(sweep):
     from megatron_mm.config import load_config
-    from megatron_mm.planning.memory import GIB, estimate_memory
+    from megatron_mm.costs.memory import GIB, estimate_memory
 
     out = sweep["out"]
     with open(out / "ablation.csv") as f:

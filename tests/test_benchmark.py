@@ -58,7 +58,7 @@ def bench(request, tmp_path_factory):
 
 def test_throughput_and_mfu_agree(bench):
     from megatron_mm.config import load_config
-    from megatron_mm.training.flops import training_flops_per_token
+    from megatron_mm.costs.flops import training_flops_per_token
 
     r, nproc = bench["report"], bench["nproc"]
     cfg = load_config(QUICKSTART, COMMON + bench["layout"])

@@ -1,4 +1,4 @@
-"""training/flops.py against `torch.utils.flop_counter.FlopCounterMode` on the real
+"""costs/flops.py against `torch.utils.flop_counter.FlopCounterMode` on the real
 megatron-core models (tests/flops_count.py counts them in one process; its SCENARIOS: the
 tiny text MoE + MLA model with one MTP layer, with and without full recomputation; the tiny
 multimodal model with the MLP projector or the resampler, and with frozen encoders,
@@ -26,7 +26,7 @@ import sys
 import pytest
 
 from megatron_mm.config import load_config
-from megatron_mm.training import flops
+from megatron_mm.costs import flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -1,4 +1,4 @@
-"""The planner's memory estimate (megatron_mm/planning/memory.py) against the peak tensor memory
+"""The planner's memory estimate (megatron_mm/costs/memory.py) against the peak tensor memory
 that training measures on CPU (megatron_mm/runtime/distributed.py `PeakMemory`: the tensors
 alive before step 2, then the profiler's allocation events of step 2 replayed; gloo's own
 buffers left out).
@@ -38,7 +38,7 @@ import pytest
 from conftest import QUICKSTART, pretrain
 
 from megatron_mm.config import load_config
-from megatron_mm.planning.memory import GIB, estimate_memory
+from megatron_mm.costs.memory import GIB, estimate_memory
 
 TOLERANCE = 0.03
 BASE = ["data.source=synthetic", "train.steps=2", "train.scheduler.warmup_steps=0", "logging.interval=1",

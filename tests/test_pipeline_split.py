@@ -1,5 +1,5 @@
-"""Layers per pipeline stage (models/pipeline_split.py) and the encoder FLOPs behind the
-automatic split (training/flops.py): hand-computed FLOPs, text-only stays even, heavy
+"""Layers per pipeline stage (costs/pipeline_split.py) and the encoder FLOPs behind the
+automatic split (costs/flops.py): hand-computed FLOPs, text-only stays even, heavy
 encoders take layers off stage 0, explicit values win, impossible splits are refused, and
 what megatron-core builds from our TransformerConfig is the planned split, layer for layer.
 
@@ -13,8 +13,8 @@ import pytest
 
 from conftest import ROOT
 from megatron_mm.config import ConfigError, FreezeConfig, Hardware, load_config, validate
-from megatron_mm.models import pipeline_split as ps
-from megatron_mm.training.flops import (
+from megatron_mm.costs import pipeline_split as ps
+from megatron_mm.costs.flops import (
     audio_forward_flops, encoder_training_flops, head_forward_flops_per_token, layer_forward_flops_per_token,
     vision_forward_flops,
 )

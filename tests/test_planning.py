@@ -18,11 +18,12 @@ from conftest import ROOT, free_port
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron_mm.config import ConfigError, Hardware, load_config, validate  # noqa: E402
-from megatron_mm.models.params import estimate_parameters  # noqa: E402
-from megatron_mm.models import pipeline_split
-from megatron_mm.planning.cluster import load_cluster  # noqa: E402
-from megatron_mm.planning.memory import (  # noqa: E402
+from megatron_mm.costs import pipeline_split  # noqa: E402
+from megatron_mm.costs.memory import (  # noqa: E402
     GIB, _layer_activation_elements, estimate_memory, in_flight_chunks, rank_parameters)
+from megatron_mm.models.params import estimate_parameters  # noqa: E402
+from megatron_mm.planning.cluster import load_cluster  # noqa: E402
+from megatron_mm.planning.fit import check_fits  # noqa: E402
 from megatron_mm.planning.planner import MATMUL_EFFICIENCY, Layout, plan_layouts  # noqa: E402
 
 TEXT = os.path.join(ROOT, "configs", "quickstart_text.yaml")
@@ -247,8 +248,24 @@ def test_planner_keeps_only_layouts_that_validate_and_fit(v2_lite_plan):
     for c in result.ranked:  # the --set arguments it reports select exactly that layout
         cfg = load_config(V2_LITE, V2_SETS + c.layout.overrides())
         validate(cfg, 16, cluster.hardware())
+        check_fits(cfg, 16, cluster.hardware())
         assert estimate_memory(cfg, 16).worst.total_bytes / GIB == pytest.approx(c.memory_gib) and c.memory_gib <= usable
         assert c.tokens_per_s == pytest.approx(1024 * 4096 / c.time.total)
+
+
+def test_memory_rule_is_check_fits_after_validate():
+    """`validate` knows nothing of memory; `planning.fit.check_fits` refuses the unsharded
+    layout in one line (the same line make_sbatch and the planner report)."""
+    cluster = load_cluster(os.path.join(CLUSTERS, "h800.yaml"))
+    cfg = load_config(V2_LITE, V2_SETS)
+    validate(cfg, 16, cluster.hardware())
+    with pytest.raises(ConfigError) as err:
+        check_fits(cfg, 16, cluster.hardware())
+    assert err.value.problems == [
+        "parallel=tp1.pp1.ep1.etp1.dp16 (expert dp 16, vpp -) on 16 ranks: model state needs 98.7 GiB a GPU on "
+        "pipeline stage 0 (weights, gradients, optimizer; planner estimate), more than the 74.1 GiB usable of a "
+        "79.1 GiB NVIDIA H800 80GB HBM3 (h800)"]
+    check_fits(cfg, 16, Hardware())  # no GPU memory size: nothing to check
 
 
 def test_planner_top_layout_is_sensible(v2_lite_plan):

@@ -246,7 +246,7 @@ def test_sbatch_trains_requeues_on_signal_and_resumes(slurm, tmp_path, data_cach
     sys.path.insert(0, ROOT)
     from megatron_mm.config import load_config
     from megatron_mm.planning.layout import rank_map
-    from megatron_mm.planning.memory import rank_parameters
+    from megatron_mm.costs.memory import rank_parameters
 
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart_text.yaml"), overrides)
     with open(os.path.join(run_dir, "rank_map.json")) as f:

@@ -59,7 +59,7 @@ def check_rank_map(run_dir: str, nproc: int, layout: list[str]) -> None:
     planner predicts: megatron-core's RankGenerator and `rank_parameters`."""
     from megatron_mm.config import load_config
     from megatron_mm.planning.layout import rank_map
-    from megatron_mm.planning.memory import rank_parameters
+    from megatron_mm.costs.memory import rank_parameters
 
     cfg = load_config(QUICKSTART, layout)
     p = cfg.parallel

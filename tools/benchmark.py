@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mm.cli import report_errors  # noqa: E402
 from megatron_mm.config import add_config_args, load_config  # noqa: E402
+from megatron_mm.planning.layout import parallel_layout  # noqa: E402
 
 
 def benchmark_settings(cfg, warmup: int, steps: int) -> None:
@@ -49,16 +50,6 @@ def peak_tflops(cfg, cluster_path):
     return peak, f"cluster {profile.name}: {key}" if peak else f"cluster profile {profile.name} has no {key}"
 
 
-def layout(cfg, world_size: int) -> dict:
-    """The report's `layout`: how `cfg` splits over `world_size` ranks."""
-    p, t = cfg.parallel, cfg.train
-    dp = world_size // (p.tp * p.pp)
-    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp, "dp": dp,
-            "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
-            "global_batch_size": t.global_batch_size,
-            "num_microbatches": t.global_batch_size // (t.micro_batch_size * dp), "recompute": p.recompute}
-
-
 def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str) -> dict:
     """The JSON report from the timed steps' metrics (each with every rank's record)."""
     from megatron_mm.training import step_timers
@@ -78,7 +69,7 @@ def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str)
                       "timers_s": {name: s for name, s in timers.items() if s > 0}})
     return {
         "world_size": world_size,
-        "layout": layout(cfg, world_size),
+        "layout": parallel_layout(cfg, world_size),
         "precision": {"dtype": cfg.precision.dtype, "fp8": cfg.precision.fp8},
         "timed_steps": [r["step"] for r in records],
         "step_time_s": {"mean": mean, "min": min(times), "max": max(times), "per_step": times},
@@ -86,7 +77,7 @@ def summarize(cfg, records: list[dict], world_size: int, peak, peak_source: str)
         "tokens_per_s": tokens / mean,
         "tokens_per_s_per_gpu": tokens / mean / world_size,
         "flops_per_step": flops,
-        "flops_counted": "model FLOPs (training/flops.py): the language model over every position and the "
+        "flops_counted": "model FLOPs (costs/flops.py): the language model over every position and the "
                          "encoders over the step's images and clips; recomputation not counted",
         "tflops_per_gpu": tflops,
         "peak_tflops_per_gpu": peak,

@@ -12,8 +12,8 @@ slurm/benchmark.sbatch.in: no checkpoints, no requeue; its JSON report goes to
 $RUN_DIR/benchmark.json, MFU against the cluster profile's peak).
 
 The config (with --set overrides and the cluster's MFU peak) is validated against the
-cluster (`validate` with the profile's Hardware: FP8, GPUs per node, GPU memory) for
-nodes x GPUs-per-node ranks before anything is written; a request that cannot run is
+cluster (`validate` with the profile's Hardware: FP8, GPUs per node; `check_fits`: GPU
+memory) for nodes x GPUs-per-node ranks before anything is written; a request that cannot run is
 refused with one line per broken rule (`refused: key=value: rule`, exit 2).
 
 With --out the script goes to FILE and the report (layout, memory, map) to stdout, ending
@@ -34,8 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_mm.config import ConfigError, load_config, validate  # noqa: E402
-from megatron_mm.planning.cluster import ClusterProfile, load_cluster  # noqa: E402
-from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
+from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402
+from megatron_mm.planning.cluster import ClusterProfile, load_cluster, project_path  # noqa: E402
+from megatron_mm.planning.fit import check_fits  # noqa: E402
 
 TEMPLATE = os.path.join(ROOT, "slurm", "pretrain.sbatch.in")
 BENCHMARK_TEMPLATE = os.path.join(ROOT, "slurm", "benchmark.sbatch.in")
@@ -129,6 +130,7 @@ def plan(args):
     cfg = load_config(args.config, overrides)
     world = args.nodes * cluster.gpus_per_node
     validate(cfg, world, cluster.hardware())
+    check_fits(cfg, world, cluster.hardware())
     return cluster, cfg, overrides, world, estimate_memory(cfg, world)
 
 
@@ -136,13 +138,6 @@ def memory_summary(est: MemoryEstimate) -> str:
     w = est.worst
     return (f"stage {w.stage}: model state {w.model_state_bytes / GIB:.1f} GiB + activations "
             f"{w.activation_bytes / GIB:.1f} GiB ({w.in_flight} in flight) = {w.total_bytes / GIB:.1f} GiB")
-
-
-def project_path(path: str) -> str:
-    """A file of this project relative to the checkout (the job runs from its own checkout),
-    any other file absolute."""
-    path = os.path.abspath(path)
-    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def render(args, cluster: ClusterProfile, cfg, overrides: list[str], world: int, est: MemoryEstimate,
@@ -213,7 +208,7 @@ def report(args, cluster: ClusterProfile, cfg, world: int, est: MemoryEstimate, 
     say(f"layout: tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} vpp={p.vpp or '-'} -> dp={est.dp}, "
         f"expert dp={est.expert_dp}; {est.microbatches} micro-batch(es) of {cfg.train.micro_batch_size} "
         f"x {cfg.model.seq_length} tokens per step; megatron-core order {ORDER}")
-    from megatron_mm.models import pipeline_split
+    from megatron_mm.costs import pipeline_split
 
     layers = pipeline_split.plan(cfg).layers
     extras = ["embedding"] + (["encoders"] if cfg.model.vision or cfg.model.audio else [])
@@ -228,7 +223,7 @@ def report(args, cluster: ClusterProfile, cfg, world: int, est: MemoryEstimate, 
     say(f"memory a GPU (planner estimate; {cfg.precision.dtype} weights, fp32 grads, "
         f"{cfg.train.optimizer.name} state {'sharded over DP by the distributed optimizer' if cfg.train.optimizer.use_distributed_optimizer else 'replicated'};"
         f" activations {'with full' if cfg.parallel.recompute == 'full' else 'without'} recomputation,"
-        f" see megatron_mm/planning/memory.py):")
+        f" see megatron_mm/costs/memory.py):")
     for line in est.table():
         say("  " + line)
     worst = est.worst

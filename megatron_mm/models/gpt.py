@@ -12,7 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_mm.config import Config
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
 from megatron_mm.models.encoders import build_encoders
 from megatron_mm.models.multimodal import MultimodalGPTModel, freeze
 from megatron_mm.models.specs import backend_for, decoder_block_spec, mtp_block_spec

@@ -1,7 +1,8 @@
 """Cluster profiles (`configs/clusters/NAME.yaml`): what one node of a cluster offers.
 
-Used by `validate` (through `Hardware`: FP8, GPUs per node, GPU memory), by the sbatch
-generator (tasks and GPUs per node, NCCL environment, MFU peak) and by memory planning.
+Used by `validate` (through `Hardware`: FP8, GPUs per node) and `fit.check_fits` (GPU memory),
+by the sbatch generator (tasks and GPUs per node, NCCL environment, MFU peak) and by memory
+planning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Optional
 import yaml
 
 from megatron_mm.config import ConfigError, Hardware
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this project's folder
 
 
 @dataclass
@@ -40,7 +43,7 @@ class ClusterProfile:
         return self.gpu is not None
 
     def hardware(self) -> Hardware:
-        """What `validate` should assume about a rank of a job on this cluster."""
+        """What `validate` and `check_fits` should assume about a rank of a job on this cluster."""
         if not self.has_gpus:
             return Hardware(device_name=f"CPU node ({self.name})", gpus_per_node=self.gpus_per_node)
         return Hardware(
@@ -52,6 +55,13 @@ class ClusterProfile:
             gpu_memory_gib=self.gpu_memory_gib,
             reserved_memory_gib=self.reserved_memory_gib,
         )
+
+
+def project_path(path: str) -> str:
+    """A file of this project relative to the checkout (a job runs from its own checkout),
+    any other file absolute."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, CHECKOUT) if path.startswith(CHECKOUT + os.sep) else path
 
 
 def load_cluster(path: str) -> ClusterProfile:

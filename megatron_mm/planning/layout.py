@@ -38,6 +38,16 @@ class RankCoords:
         return asdict(self)
 
 
+def parallel_layout(cfg, world_size: int) -> dict:
+    """How `cfg` splits over `world_size` ranks (a benchmark report's `layout`)."""
+    p, t = cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp)
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp, "dp": dp,
+            "sequence_parallel": p.sequence_parallel, "micro_batch_size": t.micro_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "num_microbatches": t.global_batch_size // (t.micro_batch_size * dp), "recompute": p.recompute}
+
+
 def _position(groups: list[list[int]], world: int) -> list[int]:
     pos = [0] * world
     for group in groups:

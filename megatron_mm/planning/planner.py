@@ -1,7 +1,7 @@
 """Layout planner: for a model, a cluster profile and a GPU count, every layout (TP, PP, VPP,
 EP, ETP, micro-batch size, recomputation none/full; DP is what is left), kept when `validate`
-accepts it (with the profile's `Hardware`) and its per-GPU memory estimate fits, ranked by an
-estimated step time. Pure Python over the typed config, no torch.
+and `fit.check_fits` accept it (with the profile's `Hardware`) and its per-GPU memory estimate
+fits, ranked by an estimated step time. Pure Python over the typed config, no torch.
 
 Everything below is an ESTIMATE from a model of the hardware, not a measurement; it ranks
 layouts against each other and says roughly how fast. What it assumes:
@@ -13,7 +13,7 @@ Layouts
     megatron-core accepts (`pipeline_split.candidate_splits`), the one whose slowest stage
     has the fewest training FLOPs (`parallel.first_stage_layers`/`last_stage_layers` are set
     accordingly; the config's own values are replaced). VPP is tried up to `MAX_VPP`.
-  * Memory: `planning.memory.estimate_memory` (its docstring lists what it counts); a layout
+  * Memory: `costs.memory.estimate_memory` (its docstring lists what it counts); a layout
     fits when its largest pipeline stage needs at most `gpu_memory_gib - reserved_memory_gib`.
 
 Step time = (M + (pp-1)/vpp) x t_mb + t_dp, where M is the micro-batches per step, t_mb the
@@ -63,10 +63,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from megatron_mm.config import Config, ConfigError, validate
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
+from megatron_mm.costs.flops import step_training_flops
+from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory
 from megatron_mm.planning.cluster import ClusterProfile
-from megatron_mm.planning.memory import GIB, MemoryEstimate, estimate_memory
-from megatron_mm.training.flops import step_training_flops
+from megatron_mm.planning.fit import check_fits
 
 MATMUL_EFFICIENCY = 0.45  # fraction of the dense peak a training step's GEMMs reach (assumed)
 LINK_EFFICIENCY = 0.8  # fraction of a link's nominal bandwidth collectives reach (assumed)
@@ -323,6 +324,7 @@ def plan_layouts(cfg: Config, cluster: ClusterProfile, gpus: int,
         c = layout.apply(cfg)
         try:
             validate(c, gpus, hardware)
+            check_fits(c, gpus, hardware)
         except ConfigError as err:
             key = err.problems[0].split("=", 1)[0]
             result.refused[key] += 1

@@ -181,7 +181,7 @@ def restore_rng_state(state: dict) -> None:
 
 
 class PeakMemory:
-    """Peak memory of this rank's tensors: what `megatron_mm.planning.memory` estimates
+    """Peak memory of this rank's tensors: what `megatron_mm.costs.memory` estimates
     (weights, gradients, optimizer state, activations), plus the temporaries of the moment.
     The loop calls `step_start` before and `step_done` after every step and logs `peak_gib` (a
     collective: the maximum over all ranks).

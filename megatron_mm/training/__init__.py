@@ -1,1 +1,1 @@
-"""Training: the loop (`loop.py`), checkpoints, metrics and FLOPs accounting."""
+"""Training: the loop (`loop.py`), step data, checkpoints, metrics (FLOPs from `costs.flops`) and evaluation."""

@@ -13,7 +13,7 @@ import shutil
 from typing import Callable, Optional
 
 from megatron_mm.config import Config
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
 
 TRACKER = "latest_checkpointed_iteration.txt"
 

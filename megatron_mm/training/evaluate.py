@@ -24,6 +24,7 @@ from megatron_mm.data.multimodal.demo import (
 from megatron_mm.data.multimodal.demo_media import COLOURS, PITCHES, SHAPES, SOUNDS
 from megatron_mm.models.attention_mask import one_sample_rows_mask
 from megatron_mm.models.gpt import transformer_config
+from megatron_mm.planning.fit import check_fits
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint
@@ -35,6 +36,7 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
     env = runtime.dist_env()
     hardware = runtime.detect_hardware()
     validate(cfg, env.world_size, hardware)
+    check_fits(cfg, env.world_size, hardware)
     if env.world_size != 1:
         raise ConfigError([f"world size={env.world_size}: evaluation runs on one process"])
     if not cfg.checkpoint.load:

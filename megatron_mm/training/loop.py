@@ -29,13 +29,14 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron.core.utils import unwrap_model
 
 from megatron_mm.config import Config, schedule_steps, validate
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
+from megatron_mm.costs.flops import step_training_flops
 from megatron_mm.models.attention_mask import document_attention_mask
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
+from megatron_mm.planning.fit import check_fits
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint, step_timers
-from megatron_mm.training.flops import step_training_flops
 from megatron_mm.training.metrics import MetricsLogger
 from megatron_mm.training.step_data import StepData
 
@@ -265,6 +266,7 @@ def run(cfg: Config, timers: Timers | None = None, on_log: Callable[[int, dict],
     env = runtime.dist_env()
     hardware = runtime.detect_hardware()
     validate(cfg, env.world_size, hardware)  # before any process group starts
+    check_fits(cfg, env.world_size, hardware)
     device = runtime.init_distributed(env, hardware)
     try:
         return _train(cfg, env, hardware, device, timers, on_log)

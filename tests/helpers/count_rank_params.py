@@ -1,6 +1,6 @@
 """Build the model of several configs under one layout each and print every rank's parameter
 count (run under torchrun on CPU/gloo). Used by tests/test_planning.py to check
-`megatron_mm.planning.memory.rank_parameters` against real megatron-core models.
+`megatron_mm.costs.memory.rank_parameters` against real megatron-core models.
 
     torchrun --nproc_per_node=4 tests/helpers/count_rank_params.py CASES.json OUT.json
 

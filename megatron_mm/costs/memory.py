@@ -5,7 +5,7 @@ Two parts, per pipeline rank (every rank of a pipeline stage holds the same amou
 **Model state** — exact arithmetic over what `megatron_mm.models` builds, checked against
 built models (`tests/test_planning.py` counts the parameters of every rank under several
 layouts and compares):
-  * parameters of this rank: decoder layers of the stage (`models.pipeline_split.plan`), MLA
+  * parameters of this rank: decoder layers of the stage (`costs.pipeline_split.plan`), MLA
     projections and dense/shared-expert MLPs split by TP (column/row-parallel), norms and the
     router whole on every TP rank, `num_experts/ep` routed experts split by ETP, the
     embedding on stage 0 and the output layer + final norm on the last stage (split by TP
@@ -49,8 +49,8 @@ with flash/SDPA attention (no seq x seq score matrix kept), per token:
   them where a GPU keeps them too: with `data.document_mask` (multimodal sources) the decoder's
   attention takes a dense mask, and Transformer Engine then runs its unfused attention.
 
-`validate` refuses a layout whose model state alone does not fit (given a GPU memory size);
-the sbatch generator prints the full table.
+`planning.fit.check_fits` refuses a layout whose model state alone does not fit (given a GPU
+memory size); the sbatch generator prints the full table.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_mm.config import Config, ModelConfig
-from megatron_mm.models import pipeline_split
+from megatron_mm.costs import pipeline_split
 
 GIB = 2**30
 
@@ -332,7 +332,7 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     """Per-GPU memory of `cfg` on `world_size` ranks, for every pipeline stage. Assumes a
-    config `validate` accepts for that world size (apart from this memory check itself)."""
+    config `validate` accepts for that world size."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp)
     expert_dp = world_size // (p.etp * p.ep * p.pp)

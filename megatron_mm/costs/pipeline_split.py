@@ -20,7 +20,7 @@ Which split (`plan`):
   * otherwise (text-only, or pp = 1) the even split.
 
 Stage cost (hand-written estimate, training FLOPs per sequence of `model.seq_length`
-tokens, training/flops.py): the stage's decoder layers (dense and MoE priced apart; 3 ×
+tokens, costs/flops.py): the stage's decoder layers (dense and MoE priced apart; 3 ×
 forward, less for a frozen language model, one forward more with full recomputation); the
 last stage adds the LM head and the MTP layers; the first adds the encoders and projectors.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_mm.config import Config
-from megatron_mm.training.flops import (
+from megatron_mm.costs.flops import (
     encoder_training_flops,
     head_training_flops_per_token,
     layer_training_flops_per_token,
