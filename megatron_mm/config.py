@@ -188,20 +188,17 @@ def schedule_steps(train: "TrainConfig") -> ScheduleSteps:
     """Fit the configured schedule to a run of `train.steps` steps.
 
     A short run of a config written for a long one (`--set train.steps=5`) would otherwise be
-    refused: decay steps beyond the run are cut to the run, and a warmup that does not end
-    before the run does is scaled to half the decay steps; `note` names the values used.
-    What a short run does not explain (decay steps shorter than the warmup in a run longer
-    than both) is left as it is, for `validate` to refuse."""
+    refused. A warmup that does not end before the run does marks such a run: its decay steps
+    are cut to the run and the warmup to half of them, and `note` names the values used. A
+    run whose warmup fits keeps decay steps beyond its end (a long schedule trained in
+    chunks, each resuming the last). What a short run does not explain (decay steps shorter
+    than the warmup in a run longer than both) is left as it is, for `validate` to refuse."""
     s, steps = train.scheduler, train.steps
     warmup, decay = s.warmup_steps, s.decay_steps or steps
-    if steps <= 0 or warmup < 0 or decay <= 0:
+    if steps <= 0 or warmup < steps or decay <= 0:
         return ScheduleSteps(warmup, decay, None)
-    if decay > steps:
-        decay = steps
-    if warmup >= decay and warmup >= steps:
-        warmup = decay // 2
-    if (warmup, decay) == (s.warmup_steps, s.decay_steps or steps):
-        return ScheduleSteps(warmup, decay, None)
+    decay = min(decay, steps)
+    warmup = decay // 2
     configured = f"train.scheduler.warmup_steps={s.warmup_steps}" + (
         f", decay_steps={s.decay_steps}" if s.decay_steps else "")
     return ScheduleSteps(warmup, decay, f"schedule: {configured} scaled to this {steps}-step run: "

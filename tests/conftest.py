@@ -53,3 +53,55 @@ def data_cache(fresh_home) -> str:
     """The configs' data cache under `fresh_home`: tests that name it and commands run with
     HOME=fresh_home build the generated corpus and demo set once between them."""
     return os.path.join(fresh_home, ".cache", "megatron_mm")
+
+
+# --------------------------------------------------------------------------- shared text runs
+
+TEXT_STEPS = 10
+TEXT_COMMON = [
+    "train.global_batch_size=8", "train.micro_batch_size=1", "train.scheduler.warmup_steps=2",
+    "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_interval=0",
+]
+# The text quickstart's layouts (world size, overrides); "single" is one rank.
+TEXT_LAYOUTS = {
+    "single": (1, ["checkpoint.save_interval=4"]),  # iterations 4 and 8 too: the resume test starts from 4
+    "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp2_uneven": (2, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"]),
+    "ep2": (2, ["parallel.ep=2"]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "tp2_pp2_ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
+}
+
+
+class TextLayoutRuns:
+    """The text quickstart trained TEXT_STEPS steps under each of TEXT_LAYOUTS from the same
+    initial weights (an iteration-0 checkpoint) on the same batches, each run at most once a
+    session, on first use: the layout-equivalence tests read their losses, the conversion
+    tests convert their final checkpoints."""
+
+    def __init__(self, root: str, data_cache: str):
+        self.root, self.data = root, [f"data.cache_dir={data_cache}", f"train.steps={TEXT_STEPS}"]
+        self._done: set[str] = set()
+
+    @property
+    def init(self) -> str:
+        """The iteration-0 checkpoints folder every layout starts from."""
+        if "init" not in self._done:
+            pretrain(1, TEXT_COMMON + self.data + ["train.steps=0", f"run.dir={self.root}/init"])
+            self._done.add("init")
+        return os.path.join(self.root, "init", "checkpoints")
+
+    def __call__(self, layout: str) -> str:
+        """The run folder of `layout` (metrics.jsonl, rank_map.json, checkpoints/)."""
+        run_dir = os.path.join(self.root, layout)
+        if layout not in self._done:
+            nproc, sets = TEXT_LAYOUTS[layout]
+            pretrain(nproc, TEXT_COMMON + self.data + sets + [f"checkpoint.load={self.init}", f"run.dir={run_dir}"])
+            self._done.add(layout)
+        return run_dir
+
+
+@pytest.fixture(scope="session")
+def text_layout_runs(tmp_path_factory, data_cache) -> TextLayoutRuns:
+    return TextLayoutRuns(str(tmp_path_factory.mktemp("text-layouts")), data_cache)

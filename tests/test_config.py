@@ -462,8 +462,7 @@ def test_tiny_parameter_estimate():
     (1, 20, None, (0, 1, "train.scheduler.warmup_steps=20 scaled to this 1-step run: warmup_steps=0, decay_steps=1")),
     (20, 20, None, (10, 20, "train.scheduler.warmup_steps=20 scaled to this 20-step run: warmup_steps=10, "
                             "decay_steps=20")),
-    (50, 10, 500, (10, 50, "train.scheduler.warmup_steps=10, decay_steps=500 scaled to this 50-step run: "
-                           "warmup_steps=10, decay_steps=50")),
+    (50, 10, 500, (10, 500, None)),     # a chunk of a longer schedule: kept
     (5, 100, 500, (2, 5, "train.scheduler.warmup_steps=100, decay_steps=500 scaled to this 5-step run: "
                          "warmup_steps=2, decay_steps=5")),
     (5, 0, None, (0, 5, None)),

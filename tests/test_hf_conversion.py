@@ -1,6 +1,6 @@
 """Hugging Face conversion: megatron checkpoints saved under TP1, TP2, PP2, EP2 and
 TP2xPP2xEP2 (and PP2xVPP2 for one of them) of two structurally different tiny models, after
-two training steps so that weights and expert biases have moved, convert to
+a few training steps so that weights and expert biases have moved, convert to
 DeepseekV3ForCausalLM folders whose transformers logits equal the megatron model's; HF -> megatron -> HF is lossless; the converted checkpoint resumes
 training under another layout; bad inputs stop with one clear line."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,8 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),
     "ep2": (2, ["parallel.ep=2"]),
-    # 4 ranks: EP2 runs inside the TP2 x DP1 ranks of each stage (the checkpoint is the same as
-    # 8 ranks' with DP2 would write; 8 gloo ranks cost twice the start-up on 2 cores)
+    # tiny_alt on 4 ranks: EP2 runs inside the TP2 x DP1 ranks of each stage (the checkpoint is the
+    # same as 8 ranks' with DP2 would write); tiny takes test_training's 8-rank run
     "tp2_pp2_ep2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
 }
 EXTRA_LAYOUTS = {"tiny": {"pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"])}}  # interleaved: layers 0,2 | 1,3
@@ -63,17 +64,24 @@ def verify(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, data_cache):
-    """Per config and layout: a 2-step checkpoint, its HF conversion, and the logit comparison."""
+def converted(tmp_path_factory, data_cache, text_layout_runs):
+    """Per config and layout: a trained checkpoint, its HF conversion, and the logit comparison.
+    `tiny` (the text quickstart) takes the layout-equivalence runs of tests/test_training.py
+    (10 steps, conftest.TextLayoutRuns); `tiny_alt` trains 2 steps per layout here."""
     root = tmp_path_factory.mktemp("hf-conversion")
     out = {}
     for name, config in CONFIGS.items():
         pairs = []
         for layout, (nproc, sets) in {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})}.items():
-            run = root / f"{name}-{layout}"
-            # tiny_alt on one rank: 3 steps, saving at 2 too (the resume test starts from 2)
-            extra = ["train.steps=3", "checkpoint.save_interval=2"] if (name, layout) == ("tiny_alt", "tp1") else []
-            pretrain(nproc, TRAIN + sets + extra + [f"data.cache_dir={data_cache}", f"run.dir={run}"], config=config)
+            if name == "tiny":
+                run = text_layout_runs("single" if layout == "tp1" else layout)
+            else:
+                run = root / f"{name}-{layout}"
+                # tiny_alt on one rank: 3 steps, saving at 2 too (the resume test starts from 2)
+                extra = ["train.steps=3", "checkpoint.save_interval=2"] if layout == "tp1" else []
+                pretrain(nproc, TRAIN + sets + extra + [f"data.cache_dir={data_cache}", f"run.dir={run}"],
+                         config=config)
+            run = pathlib.Path(run)
             checkpoint, hf = str(run / "checkpoints"), str(root / f"{name}-{layout}-hf")
             convert_to_hf(checkpoint, hf, progress=False)
             out[(name, layout)] = {"checkpoint": checkpoint, "hf": hf, "run": str(run)}

@@ -69,7 +69,8 @@ def reference(tmp_path_factory, data_cache):
     data = [f"data.cache_dir={data_cache}", f"train.steps={STEPS}"]
     run(1, data + ["train.steps=0", f"run.dir={root}/init"])
     init = f"{root}/init/checkpoints"
-    run(1, data + [f"checkpoint.load={init}", f"run.dir={root}/single"])
+    # a checkpoint at step 4 too: the resume test starts from it
+    run(1, data + [f"checkpoint.load={init}", f"run.dir={root}/single", f"checkpoint.save_interval={RESUME_AT}"])
     return {"init": init, "data": data, "losses": losses(f"{root}/single"), "single": f"{root}/single",
             "grad_norm": first_grad_norm(f"{root}/single"), "parameters": parameters(f"{root}/single")}
 
@@ -141,14 +142,12 @@ def test_tp2_counts_each_parameter_once(reference, layout_run):
 
 
 def test_resume_is_bit_exact_and_changes_data_parallel_size(reference, tmp_path):
-    """Stopped at step 4 (checkpoint written at the end) and resumed to step 8: the same
-    losses bit for bit as the uninterrupted run, so the stream restarted exactly where it
-    stood. The same checkpoint resumed on 2 data-parallel ranks runs (each rank restarts at
+    """The single-rank run's step-4 checkpoint resumed to step 8 (as after a kill at step 4):
+    the same losses bit for bit as the uninterrupted run, so the stream restarted exactly where
+    it stood. The same checkpoint resumed on 2 data-parallel ranks runs (each rank restarts at
     the saved depth of its new slice: other samples, so no equality is claimed)."""
     data = reference["data"]
-    run(1, data + [f"checkpoint.load={reference['init']}", f"train.steps={RESUME_AT}", f"run.dir={tmp_path}/part"])
-    ckpt = f"{tmp_path}/part/checkpoints"
-    assert open(f"{ckpt}/latest_checkpointed_iteration.txt").read().strip() == str(RESUME_AT)
+    ckpt = os.path.join(reference["single"], "checkpoints", f"iter_{RESUME_AT:07d}")
 
     run(1, data + [f"checkpoint.load={ckpt}", f"run.dir={tmp_path}/same"])
     same, want = losses(f"{tmp_path}/same"), reference["losses"]
