@@ -6,7 +6,7 @@ Under torchrun or srun every rank meets the same config error, so only the globa
 (RANK, else SLURM_PROCID; a lone process is rank 0) prints it. Under torchrun the ranks also
 wait for one another (a few seconds, through torchrun's own store) before leaving: torchrun
 kills the ranks still running once one has exited, and each rank should report 2, not a
-SIGTERM. An error that only some ranks meet (a checkpoint file one rank cannot read) is
+SIGTERM (a rank with an error that torchrun stops anyway leaves with 2). An error that only some ranks meet (a checkpoint file one rank cannot read) is
 still printed: by each such rank whose message rank 0 did not print, prefixed with its rank."""
 
 from __future__ import annotations
@@ -53,15 +53,16 @@ def _torchrun_store(environ: Mapping[str, str] = os.environ):
         return None
 
 
-def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> None:
-    """Print `lines` once for all ranks (see the module's docstring)."""
+def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """Print `lines` once for all ranks (see the module's docstring); True when the ranks met
+    through torchrun's store (and should now leave at once)."""
     rank, world = launch_rank(environ), int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
     message = "\n".join(lines)
     store = _torchrun_store(environ) if world > 1 else None
     if store is None:
         if rank == 0:
             print(message, file=sys.stderr, flush=True)
-        return
+        return False
     prefix = f"megatron_mm/error_exit/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
         store.set(f"{prefix}/rank{rank}", message)
@@ -76,6 +77,23 @@ def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> None:
         print(message, file=sys.stderr, flush=True)
     elif rank0 != message:
         print("\n".join(f"[rank {rank}] {line}" for line in lines), file=sys.stderr, flush=True)
+    return True
+
+
+def _exit_2_on_sigterm() -> None:
+    """From here this rank's outcome is its error: torchrun's SIGTERM (sent to the ranks still
+    running, or still exiting, once a sibling has left with the same error) ends it with 2."""
+    import signal
+
+    def leave(signum, frame):
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)
+
+    try:
+        signal.signal(signal.SIGTERM, leave)
+    except ValueError:  # not the main thread: keep the default
+        pass
 
 
 def report_errors(work: Callable[[], None]) -> int:
@@ -89,6 +107,14 @@ def report_errors(work: Callable[[], None]) -> int:
         lines = _error_lines(err)
         if lines is None:
             raise
-        _report(lines)
+        _exit_2_on_sigterm()
+        if _report(lines):
+            # The ranks leave together, now: interpreter teardown (a second or more with torch
+            # and megatron-core loaded) would outlast torchrun's 0.1 s watch of its workers,
+            # and a SIGTERM arriving during teardown kills with -15 (Python has restored the
+            # default handler by then).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0

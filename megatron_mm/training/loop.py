@@ -262,6 +262,8 @@ def run(cfg: Config, timers: Timers | None = None, on_log: Callable[[int, dict],
     env = runtime.dist_env()
     hardware = runtime.detect_hardware()
     validate(cfg, env.world_size, hardware)  # before any process group starts
+    if cfg.checkpoint.load:
+        checkpoint.resolve(cfg.checkpoint.load)  # a missing or incomplete checkpoint: also before
     device = runtime.init_distributed(env, hardware)
     try:
         return _train(cfg, env, hardware, device, timers, on_log)
