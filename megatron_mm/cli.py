@@ -26,6 +26,10 @@ def launch_rank(environ: Mapping[str, str] = os.environ) -> int:
     return int(environ.get("RANK", environ.get("SLURM_PROCID", 0)))
 
 
+def launch_world_size(environ: Mapping[str, str] = os.environ) -> int:
+    return int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
+
+
 def _error_lines(err: BaseException) -> Optional[list[str]]:
     """The user-facing lines of a config or checkpoint error, else None (a bug: re-raise)."""
     if isinstance(err, ConfigError):
@@ -56,7 +60,7 @@ def _torchrun_store(environ: Mapping[str, str] = os.environ):
 def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
     """Print `lines` once for all ranks (see the module's docstring); True when the ranks met
     through torchrun's store (and should now leave at once)."""
-    rank, world = launch_rank(environ), int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
+    rank, world = launch_rank(environ), launch_world_size(environ)
     message = "\n".join(lines)
     store = _torchrun_store(environ) if world > 1 else None
     if store is None:
@@ -80,9 +84,10 @@ def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
     return True
 
 
-def _exit_2_on_sigterm() -> None:
+def _exit_2_on_sigterm():
     """From here this rank's outcome is its error: torchrun's SIGTERM (sent to the ranks still
-    running, or still exiting, once a sibling has left with the same error) ends it with 2."""
+    running, or still exiting, once a sibling has left with the same error) ends it with 2.
+    Returns the previous handler (None where none could be installed)."""
     import signal
 
     def leave(signum, frame):
@@ -91,9 +96,9 @@ def _exit_2_on_sigterm() -> None:
         os._exit(2)
 
     try:
-        signal.signal(signal.SIGTERM, leave)
+        return signal.signal(signal.SIGTERM, leave)
     except ValueError:  # not the main thread: keep the default
-        pass
+        return None
 
 
 def report_errors(work: Callable[[], None]) -> int:
@@ -107,7 +112,7 @@ def report_errors(work: Callable[[], None]) -> int:
         lines = _error_lines(err)
         if lines is None:
             raise
-        _exit_2_on_sigterm()
+        previous = _exit_2_on_sigterm() if launch_world_size() > 1 else None
         if _report(lines):
             # The ranks leave together, now: interpreter teardown (a second or more with torch
             # and megatron-core loaded) would outlast torchrun's 0.1 s watch of its workers,
@@ -116,5 +121,9 @@ def report_errors(work: Callable[[], None]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
         return 2
     return 0

@@ -92,3 +92,27 @@ def test_plan_tool_config_error_is_one_line():
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("config error: parallel.nonsense: unknown key"), proc.stderr
+
+
+def test_rank_specific_error_is_printed_by_its_rank(monkeypatch, capsys):
+    """Under torchrun (its agent's store), rank 1 prints its error, prefixed, unless rank 0
+    printed the same; it waits for the others at most LEAVE_TIMEOUT_S."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    from conftest import free_port
+    from megatron_mm import cli
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "0"}
+    monkeypatch.setattr(cli, "LEAVE_TIMEOUT_S", 0.3)
+    assert cli._report(["checkpoint error: shard 3 unreadable"], env)  # rank 0 never came
+    assert capsys.readouterr().err == "[rank 1] checkpoint error: shard 3 unreadable\n"
+    env["TORCHELASTIC_RESTART_COUNT"] = "1"
+    server.set("megatron_mm/error_exit/1/rank0", "checkpoint error: same on every rank")
+    server.add("megatron_mm/error_exit/1/count", 1)
+    assert cli._report(["checkpoint error: same on every rank"], env)
+    assert capsys.readouterr().err == ""
