@@ -5,6 +5,10 @@ them). Each workaround below names the megatron-core call site it serves, is app
 where it is needed (`needed(hardware)`), and has a test in tests/test_compat.py that fails
 if the workaround stops being needed or stops working. No other module asks whether it is
 on a CPU: they call `apply()` once and use `transformer_config_overrides()`.
+
+Also here: the notices megatron-core prints for an absence handled above (Apex, TE, ...),
+hidden in one place by `hide_notices()` (entry points call it before megatron-core is
+imported) and counted into the start-up banner by `runtime_summary()`.
 """
 
 from __future__ import annotations
