@@ -4,10 +4,12 @@ when a checkpoint is missing or corrupt). Anything else is a bug and raises.
 
 Under torchrun or srun every rank meets the same config error, so only the global rank 0
 (RANK, else SLURM_PROCID; a lone process is rank 0) prints it. Under torchrun the ranks also
-wait for one another (a few seconds, through torchrun's own store) before leaving: torchrun
-kills the ranks still running once one has exited, and each rank should report 2, not a
-SIGTERM (a rank with an error that torchrun stops anyway leaves with 2). An error that only some ranks meet (a checkpoint file one rank cannot read) is
-still printed: by each such rank whose message rank 0 did not print, prefixed with its rank."""
+wait for one another (at most LEAVE_TIMEOUT_S, through the store torchrun's agent keeps)
+and then leave at once: torchrun kills the ranks still running once one has exited, and each
+rank should report 2, not a SIGTERM (a rank with an error that torchrun stops anyway leaves
+with 2). An error that only some ranks meet (a checkpoint file one rank cannot read) is still
+printed under torchrun: by each such rank whose message rank 0 did not print, prefixed with
+its rank. (Under srun, with no store before the process group, only rank 0 prints.)"""
 
 from __future__ import annotations
 
