@@ -113,8 +113,41 @@ def adam_step_on_load():
     assert _patched(fn) or 's["step"] = step' not in inspect.getsource(fn), "one step tensor shared by all"
 
 
+def zero_grad_of_views():
+    """The distributed optimizer zeroes the gradients of views of its fp32 parameters (not
+    leaves): torch warns about reading their `.grad`, which is unset (nothing to zero)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    param = torch.nn.Parameter(torch.ones(4))
+    view = param.view(-1)[1:3]  # what DistributedOptimizer.shard_fp32_groups hold
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distrib_optimizer._zero_grad_group_helper([view], set_to_none=True)
+    assert not caught, f"warned: {str(caught[0].message)[:80]}"
+
+
 PROBES = [cpu_rng_tracker, cpu_checkpoint_rng, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
-          router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load]
+          router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load, zero_grad_of_views]
+
+
+# --------------------------------------------------------------------------- notices
+# `python compat_probes.py notices`, in a fresh process with warnings shown: hides the
+# notices, then triggers each of compat.NOTICES where megatron-core (or torch under it) prints
+# it; prints JSON {notice: times hidden} (counted only when printed).
+
+
+def trigger_notices():
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401  Apex norm fallback, at import
+    import megatron.core.optimizer  # noqa: F401  Apex/TE fallbacks, at import
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        torch.distributed.reduce_scatter_tensor(torch.zeros(2), torch.ones(2))  # as param_and_grad_buffer.py binds it
+        torch.distributed.all_gather_into_tensor(torch.zeros(2), torch.ones(2))
+        get_rerun_state_machine()  # first use by the schedules: implicit, mode DISABLED
+        torch.distributed.destroy_process_group()
+
 
 
 # --------------------------------------------------------------------------- config overrides
@@ -165,7 +198,15 @@ def batch_p2p_comm():
 
 OVERRIDE_PROBES = [batch_p2p_comm]
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "notices":
+    warnings.filters.remove(("ignore", None, Warning, None, 0))  # Python's defaults, as for a user
+    warnings._filters_mutated()
+    from megatron_mm.runtime import compat
+
+    compat.hide_notices()
+    trigger_notices()
+    print(json.dumps(compat.hidden_notices()))
+elif __name__ == "__main__":
     from megatron_mm.config import Hardware
 
     if sys.argv[1] == "with":

@@ -18,10 +18,11 @@ import json
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+
+hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
 
 from megatron_mm.data.multimodal.fixture import write_fixture_shards  # noqa: E402
 from megatron_mm.data.multimodal.samples import MediaSpec  # noqa: E402

@@ -52,6 +52,7 @@ def encoder_config(llm: TransformerConfig, enc) -> TransformerConfig:
         attention_dropout=0.0,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
+        cuda_graph_scope=[],  # megatron-core's default "full" warns that it is deprecated (see gpt.py)
         **{name: getattr(llm, name) for name in _INHERITED},
     )
 

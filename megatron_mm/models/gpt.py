@@ -97,6 +97,9 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         calculate_per_token_loss=True,
+        # megatron-core 0.16.1's default "full" is deprecated by megatron-core itself
+        # (transformer_config.py __post_init__ warns, then turns it into []): pass [] directly.
+        cuda_graph_scope=[],
         **moe,
         **fp8,
         **recompute,

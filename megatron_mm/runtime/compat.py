@@ -5,11 +5,20 @@ them). Each workaround below names the megatron-core call site it serves, is app
 where it is needed (`needed(hardware)`), and has a test in tests/test_compat.py that fails
 if the workaround stops being needed or stops working. No other module asks whether it is
 on a CPU: they call `apply()` once and use `transformer_config_overrides()`.
+
+Also here: the notices megatron-core prints for an absence handled above (Apex, TE, ...),
+hidden in one place by `hide_notices()` (entry points call it before megatron-core is
+imported) and counted into the start-up banner by `runtime_summary()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -341,6 +350,34 @@ def _adam_step_on_load() -> None:
     DistributedOptimizer.load_state_dict = load_state_dict
 
 
+# --------------------------------------------------------------------------- zero_grad of views
+# Call site: optimizer/distrib_optimizer.py DistributedOptimizer.zero_grad passes
+# `shard_fp32_groups` (views of fp32 parameters, `model_param.view(-1)[start:end]`, so not
+# leaves) to optimizer/optimizer.py `_zero_grad_group_helper`, whose `getattr(param, "grad")`
+# makes torch warn "The .grad attribute of a Tensor that is not a leaf Tensor is being
+# accessed" (megatron-core's own comment there: "throws grad-access warning"). Harmless: torch
+# warns only while that `.grad` is unset, so the read answers None and there is nothing to
+# zero, which is right (each step `_copy_model_grads_to_main_grads` sets it afresh). The
+# warning is megatron-core's on any hardware with fp32 parameters; on the CPU it carried
+# compat.py's file and line only because CudaToCpuMode re-issues the `Tensor.grad` getter.
+# Silenced for that helper's calls from the distributed optimizer, nowhere else.
+
+_NON_LEAF_GRAD = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
+def _zero_grad_of_views() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    original = distrib_optimizer._zero_grad_group_helper
+
+    def zero_grad_group_helper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            return original(*args, **kwargs)
+
+    distrib_optimizer._zero_grad_group_helper = zero_grad_group_helper
+
+
 WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cpu_rng_tracker",
@@ -399,6 +436,13 @@ WORKAROUNDS: list[Workaround] = [
         lambda hw: not hw.has_transformer_engine,
         _adam_step_on_load,
     ),
+    Workaround(
+        "zero_grad_of_views",
+        "optimizer/distrib_optimizer.py DistributedOptimizer.zero_grad: _zero_grad_group_helper reads .grad "
+        "of non-leaf views (torch warns; any hardware)",
+        lambda hw: True,
+        _zero_grad_of_views,
+    ),
 ]
 
 
@@ -444,3 +488,119 @@ def transformer_config_overrides(hardware: Hardware) -> dict:
         # `_p2p_ops` orders them by rank parity. Probe: tests/compat_probes.py batch_p2p_comm.
         overrides.update(use_cpu_initialization=True, batch_p2p_comm=False)
     return overrides
+
+
+# --------------------------------------------------------------------------- notices
+# What megatron-core (and torch under it) prints on every CPU start for something we know and
+# handle; a user can do nothing about it. Each notice is matched by its message *and* the
+# package that reports it, never by category alone: every other warning still shows.
+# `hide_notices()` installs the filters once per process, before megatron-core is imported
+# (the entry points call it through megatron_mm.cli.report_errors and
+# megatron_mm.conversion.cli.run_conversion); `runtime_summary` puts the count into the
+# start-up banner. Probes (the notice is still printed without the filter, and hidden with it):
+# tests/compat_probes.py NOTICE_PROBES.
+
+
+@dataclass(frozen=True)
+class Notice:
+    name: str
+    call_site: str
+    message: str  # regular expression, matched at the start of the message
+    source: str  # the package that reports it (a warning) or the logger's name (a log record)
+    kind: str  # "warning" or "log"
+    about_apex_te: bool  # counted in the banner's Apex / Transformer Engine line
+
+
+NOTICES: list[Notice] = [
+    Notice(
+        "apex_te_fallbacks",
+        "optimizer/__init__.py:24, optimizer/optimizer.py:28, optimizer/clip_grads.py:29, "
+        "distributed/fsdp/src/megatron_fsdp/mixed_precision.py:114, at import: torch optimizers and local "
+        "multi_tensor_* functions instead of Apex's / Transformer Engine's fused ones",
+        r"Transformer Engine and Apex are not installed\. Falling back to",
+        "megatron.core", "warning", True,
+    ),
+    Notice(
+        "apex_norm_fallback",
+        "models/backends.py:21 and models/gpt/gpt_layer_specs.py:70, at import: torch norms instead of "
+        "Apex's fused LayerNorm (our spec brings its own RMSNorm)",
+        r"Apex is not installed\. Falling back to Torch Norm",
+        "megatron.core", "warning", True,
+    ),
+    Notice(
+        "c10d_renamed_collectives",
+        "distributed/param_and_grad_buffer.py:35, tensor_parallel/mappings.py:12, tensor_parallel/layers.py:79, "
+        "timers.py:26, utils.py:1102 bind torch.distributed.reduce_scatter_tensor / all_gather_into_tensor, "
+        "which torch 2.13 deprecates for *_single (reported from torch/distributed/c10d_logger.py)",
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        "torch.distributed", "warning", False,
+    ),
+    Notice(
+        "rerun_state_machine_disabled",
+        "rerun_state_machine.py get_rerun_state_machine and RerunStateMachine.__init__ log at WARNING that "
+        "the result-validation rerun machine starts, in its default mode DISABLED (first schedule call)",
+        r"Implicit initialization of Rerun State Machine!$|RerunStateMachine initialized in mode RerunMode\.DISABLED$",
+        "megatron.core.rerun_state_machine", "log", False,
+    ),
+]
+
+_hidden: Counter = Counter()
+_notices_installed = False
+
+
+def _reported_from(filename: str, package: str) -> bool:
+    return f"/{package.replace('.', '/')}/" in filename.replace("\\", "/")
+
+
+def hide_notices() -> None:
+    """Hide NOTICES for the rest of the process, counting them (idempotent). Call before
+    megatron-core is imported: most of them are printed at import."""
+    global _notices_installed
+    if _notices_installed:
+        return
+    _notices_installed = True
+    warned = [n for n in NOTICES if n.kind == "warning"]
+    for n in warned:
+        # "default" (once a call site) ahead of the user's filters: a notice reaches the
+        # counting hook below even under -W error, which is for warnings one can act on.
+        warnings.filterwarnings("default", message=n.message, module=re.escape(n.source) + r"\.")
+    previous = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        for n in warned:
+            if re.match(n.message, str(message)) and _reported_from(filename, n.source):
+                _hidden[n.name] += 1
+                return
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    for n in NOTICES:
+        if n.kind == "log":
+            def drop(record, n=n):
+                if re.match(n.message, record.getMessage()):
+                    _hidden[n.name] += 1
+                    return False
+                return True
+
+            logging.getLogger(n.source).addFilter(drop)
+
+
+def hidden_notices() -> dict[str, int]:
+    """How many times each notice was hidden so far in this process."""
+    return dict(_hidden)
+
+
+def runtime_summary(hardware: Hardware) -> str | None:
+    """The banner's line on what megatron-core runs without (None when Apex and TE are both here)."""
+    missing = []
+    if importlib.util.find_spec("apex") is None:
+        missing.append("no Apex")
+    if not hardware.has_transformer_engine:
+        missing.append("no Transformer Engine")
+    if not missing:
+        return None
+    line = f"runtime: {', '.join(missing)} (megatron-core's torch fallbacks; our portable layer spec)"
+    count = sum(_hidden[n.name] for n in NOTICES if n.about_apex_te)
+    if count:
+        line += f"; {count} megatron-core notice{'s' if count > 1 else ''} about them hidden"
+    return line

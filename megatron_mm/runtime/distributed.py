@@ -202,9 +202,9 @@ class PeakMemory:
     communication buffers, which the estimate does not model either. A block alive at the start
     counts until its address is handed out again (its free is not reported), else to the end.
     Repeats within 10 KiB, 0.25 % (tests/test_memory_measurement.py). Costs the measured step the
-    profiler's slowdown plus a fraction of a second of replay, and prints the profiler's own
-    lines (`USDT: ... profiler_start/stop`, one "Memory block of unknown size" warning for the
-    blocks alive at the start). `peak_gib` is None on CPU until step 2 is done (and for a
+    profiler's slowdown plus a fraction of a second of replay, and starts the profiler quietly
+    (`_start_quietly`: without its `USDT: ... profiler_start/stop` and "Memory block of unknown
+    size" lines). `peak_gib` is None on CPU until step 2 is done (and for a
     one-step run), then stays at step 2's peak.
     """
 
@@ -224,7 +224,7 @@ class PeakMemory:
 
             self._alive_at_start = live_cpu_storages()
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.start()
+            _start_quietly(self._profiler)
 
     def step_done(self) -> None:
         """After each training step: on CPU, step 2 ends the measurement."""
@@ -251,6 +251,35 @@ class PeakMemory:
         return float(peak.item())
 
 
+def _start_quietly(profiler) -> None:
+    """Start the memory profiler without the two lines torch prints for it, neither of which a
+    user can act on: Kineto's `USDT: ... profiler_start` / `profiler_stop` (printed at every
+    level below 6; Kineto reads KINETO_LOG_LEVEL once, at its first use, so the variable is set
+    for that moment only and a user's own setting is kept), and c10's "Memory block of unknown
+    size was allocated before the profiling started" (CPUAllocator.cpp, a C++ log line, not a
+    Python warning, printed once a process at the first free of a block allocated before the
+    profiler started): a block of our own is freed first, while stderr points at /dev/null."""
+    import sys
+
+    user_level = os.environ.get("KINETO_LOG_LEVEL")
+    os.environ["KINETO_LOG_LEVEL"] = user_level or "6"
+    sentinel = torch.empty(16)  # after live_cpu_storages(): outside the measurement
+    try:
+        profiler.start()
+    finally:
+        if user_level is None:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        del sentinel
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def live_cpu_storages() -> dict[int, int]:
     """Address -> bytes of the CPU storage of every tensor Python can reach (tensors are
     GC-tracked; views share their base's storage)."""
@@ -258,7 +287,9 @@ def live_cpu_storages() -> dict[int, int]:
 
     out = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+        # type(), not isinstance(): isinstance asks objects for __class__, and some answer with a
+        # warning (torch.distributed.reduce_op: "FutureWarning: ... is deprecated").
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
                 out[storage.data_ptr()] = storage.nbytes()

@@ -15,6 +15,7 @@ per rank and are restored only into the same layout, layers per stage included.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from typing import Optional
 
@@ -112,7 +113,14 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     `optimizer=None`, the model weights alone (evaluation, conversion).
     Returns (iteration, note about what was not restored or None, the saved data_state)."""
     folder, iteration = resolve(path)
-    common = dist_checkpointing.load_common_state_dict(folder)
+    try:
+        common = dist_checkpointing.load_common_state_dict(folder)
+    except pickle.UnpicklingError as err:  # torch.load's weights-only loader refused it
+        raise CheckpointError(f"checkpoint.load={folder}: common.pt is corrupt or holds objects torch's "
+                              "safe loader refuses (it is not loaded unsafely)") from err
+    except Exception as err:  # common.pt missing or truncated
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint.load={folder}: cannot read its common state: {reason}") from err
     same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
     weights_only = optimizer is None
     with_optimizer = common.get("has_optimizer", True) and not weights_only

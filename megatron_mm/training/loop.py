@@ -267,6 +267,8 @@ def run(cfg: Config, timers: Timers | None = None, on_log: Callable[[int, dict],
     hardware = runtime.detect_hardware()
     validate(cfg, env.world_size, hardware)  # before any process group starts
     check_fits(cfg, env.world_size, hardware)
+    if cfg.checkpoint.load:
+        checkpoint.resolve(cfg.checkpoint.load)  # a missing or incomplete checkpoint: also before
     device = runtime.init_distributed(env, hardware)
     try:
         return _train(cfg, env, hardware, device, timers, on_log)
@@ -285,6 +287,9 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
     log0(f"megatron_mm: {env.world_size} rank(s) via {env.launcher} on {hardware.device_name}; "
          f"tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} etp={p.etp} dp={dp}; "
          f"{num_microbatches} micro-batch(es) of {t.micro_batch_size} per step; workarounds: {', '.join(applied) or 'none'}")
+    summary = compat.runtime_summary(hardware)  # what megatron-core runs without, and its notices hidden
+    if summary:
+        log0(summary)
 
     # Data (files built once per node, then read by every rank).
     data = StepData(cfg, env, device, log=log0)
