@@ -152,10 +152,12 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
 
 def build_shards(jsonl: str, out: str, samples_per_shard: int = 1000,
                  report: Callable[[str], None] = print,
-                 log: Callable[[str], None] = lambda message: None) -> dict:
+                 log: Callable[[str], None] = lambda message: None,
+                 on_written: Optional[Callable[[dict], None]] = None) -> dict:
     """Validate every row of `jsonl` and write the good ones as shards into `out`.
 
-    `report` gets one `row N: field: reason` line per bad row. Returns the summary:
+    `report` gets one `row N: field: reason` line per bad row; `on_written`, if given, each
+    written row (as stored: without its media paths). Returns the summary:
     rows (non-blank lines), written, bad, shards, out, seconds. `out` must hold no shards.
     """
     if samples_per_shard < 1:
@@ -182,6 +184,8 @@ def build_shards(jsonl: str, out: str, samples_per_shard: int = 1000,
                 writer = webdataset.ShardWriter(os.path.join(out, SHARD_PATTERN), maxcount=samples_per_shard,
                                                 verbose=0, encoder=False, mtime=0)
             writer.write(sample)
+            if on_written is not None:
+                on_written(json.loads(sample["json"]))
             if rows % 1000 == 0:
                 log(f"{rows} rows, {rows - bad} written, {bad} bad")
     finally:

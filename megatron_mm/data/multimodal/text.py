@@ -221,11 +221,13 @@ def sample_texts(sample: dict) -> list[str]:
     return [_PLACEHOLDER_SPLIT.sub(" ", text) for text in texts]
 
 
-def train_multimodal_tokenizer(samples: Iterable[dict], model_prefix: str, vocab_size: int = 512) -> str:
+def train_multimodal_tokenizer(samples: Iterable[dict], model_prefix: str, vocab_size: int = 512,
+                               byte_fallback: bool = False) -> str:
     """Train a SentencePiece model on the samples' texts with the multimodal special pieces.
 
     Returns the `.model` path. For the demo set, pass the rows of train.jsonl; a vocab of
     512 matches the tiny model.
     """
     texts = [text for sample in samples for text in sample_texts(sample)]
-    return train_sentencepiece(texts, model_prefix, vocab_size, special_tokens=MULTIMODAL_SPECIAL_TOKENS)
+    return train_sentencepiece(texts, model_prefix, vocab_size, byte_fallback=byte_fallback,
+                               special_tokens=MULTIMODAL_SPECIAL_TOKENS)
