@@ -247,3 +247,16 @@ def test_evaluate_json_flag_prints_only_the_json_line(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == json.dumps(result) and lines[0] == "checkpoint iteration 7"
     assert lines[2].split() == ["heldout", "4", "40", "0", "1.500"]
+
+
+def test_evaluation_table_for_the_demo_set():
+    from megatron_mm.training.evaluate import evaluation_table
+
+    split = {"loss": 0.0912, "samples": 400, "shape_accuracy": 0.875, "colour_accuracy": 1.0,
+             "pitch_accuracy": None, "sound_accuracy": 1.0}
+    lines = evaluation_table({"iteration": 1200, "heldout": split, "novel": dict(split, loss=0.45)}).splitlines()
+    assert lines[0] == "checkpoint iteration 1200"
+    assert lines[1].split("  ")[0] == "split" and lines[1].endswith("tone or chord   loss")
+    assert lines[2].split() == ["heldout", "400", "0.88", "1.00", "-", "1.00", "0.091"]
+    assert lines[4].split() == ["chance", "0.25", "0.25", "0.33", "0.50"]
+    assert len({len(line) for line in lines[1:4]}) == 1  # aligned columns
