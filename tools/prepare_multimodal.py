@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # megatron-core warns about missing fused kernels on import; a data tool needs none.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from megatron_mm.config import ConfigError, add_config_args, load_config  # noqa: E402
+from megatron_mm.config import ConfigError, load_config  # noqa: E402
 from megatron_mm.data.multimodal.own_data import prepare_own_data, training_commands  # noqa: E402
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -41,12 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--byte-fallback", action="store_true", help="train with byte fallback (no <unk>)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--run-dir", help="run.dir of the printed commands (default runs/<name of --out>)")
-    add_config_args(parser)
-    parser.set_defaults(config=DEFAULT_CONFIG)
-    for action in parser._actions:  # --config is optional here: the model the data is for
-        if action.dest == "config":
-            action.required = False
-            action.help = f"training config the data is for (default {DEFAULT_CONFIG})"
+    # the training config the data is for (its model.vocab_size); unlike add_config_args, optional
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable); passed on to the printed commands")
     args = parser.parse_args(argv)
 
     def stderr(message: str) -> None:
