@@ -13,7 +13,8 @@ setup(
         "megatron-core>=0.16.1,<0.17",
         "matplotlib",  # tools/ablate.py's plot
         "numpy",
-        "pillow",  # demo images; image checks in build_shards; the PyTorch media loader
+        "pillow",
+        "protobuf",  # sentencepiece's ModelProto: extending an existing tokenizer (tools/prepare_multimodal.py)  # demo images; image checks in build_shards; the PyTorch media loader
         "psutil",  # megatron-core dist_checkpointing writer workers need it
         "pyyaml",
         "scipy",  # audio resampling in the PyTorch media loader

@@ -8,6 +8,7 @@ line per violation, each naming the key, the value and the rule.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import typing
 from dataclasses import dataclass, field
@@ -238,6 +239,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/megatron_mm"  # where the corpus source builds its data
     corpus_documents: int = 4000
     shards: Optional[str] = None  # folder or glob of .tar shards (source=shards)
+    # held-out shards tools/evaluate.py scores for source=shards: folders or globs, each one
+    # split named after its folder (the demo source has its own heldout/novel splits)
+    eval_shards: list[str] = field(default_factory=list)
     loader: str = "dali"  # dali (GPU decode where there is a GPU) or torch (PyTorch + Pillow)
     loader_threads: int = 2
     demo_samples: int = 2000  # train samples of the demo set (held-out: a tenth)
@@ -458,6 +462,13 @@ class Hardware:
     gpus_per_node: Optional[int] = None  # known for a cluster profile: ranks per node
     gpu_memory_gib: Optional[float] = None  # memory of one GPU (planning.fit); None: not checked
     reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
+
+
+def eval_split_name(spec: str) -> str:
+    """The split name of a `data.eval_shards` entry: its folder's name (for a glob, the
+    folder the pattern is in)."""
+    path = os.path.normpath(spec)
+    return os.path.basename(path if os.path.isdir(path) or not glob.has_magic(path) else os.path.dirname(path))
 
 
 FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
@@ -694,6 +705,17 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(bool(d.shards), "data.shards", d.shards, "is required when data.source=shards")
         rule(bool(d.tokenizer) and os.path.exists(d.tokenizer or ""), "data.tokenizer", d.tokenizer,
              "must name an existing sentencepiece .model with the multimodal pieces when data.source=shards")
+    rule(not d.eval_shards or d.source == "shards", "data.eval_shards", d.eval_shards,
+         "is for data.source=shards (the demo source has its own held-out splits)")
+    if d.source == "shards":
+        for i, spec in enumerate(d.eval_shards):
+            pattern = os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec
+            found = [p for p in glob.glob(os.path.expanduser(pattern)) if p.endswith(".tar")]
+            rule(bool(found), f"data.eval_shards[{i}]", spec,
+                 "has no .tar shards (a folder or glob; tools/prepare_multimodal.py --heldout makes one)")
+        names = [eval_split_name(spec) for spec in d.eval_shards]
+        rule(len(set(names)) == len(names), "data.eval_shards", d.eval_shards,
+             f"split names {names} (each folder's name) must differ")
     if d.source == "demo":
         rule(d.demo_samples >= 10, "data.demo_samples", d.demo_samples, "must be at least 10")
     if d.source == "indexed":

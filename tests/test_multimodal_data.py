@@ -206,8 +206,9 @@ def test_build_shards_reports_each_bad_row(demo_dir, tmp_path, capsys):
         ('{"text": "a sound.", "audio": "media/noise.flac"}', "row 7: audio: not a readable WAV/FLAC"),
         ('{"text": "   ", "image": "media/good.png"}', "row 8: text: empty"),
         ('{"text": "a caption"', "row 9: json: not valid JSON"),
-        ('{"conversations": [{"from": "system", "value": "hi"}, {"from": "gpt", "value": "a."}]}',
-         "row 10: conversations[0].from: unknown role 'system'"),
+        ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "system", "value": "be brief"}, '
+         '{"from": "gpt", "value": "a."}]}',
+         "row 10: conversations[1].from: a system turn may only open the conversation"),
         ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}',
          "row 11: conversations[1].value: empty"),
         ('{"text": "<image> with no image"}', "row 12: image: missing, but the text has <image>"),
@@ -293,7 +294,7 @@ def test_instruction_formatting_learns_only_answers(formatter, tokenizer):
     assert text.startswith("<|user|>" + "<image>" * IMAGE_TOKENS + " What shape is this?<|end|><|assistant|>")
     assert s.tokens[-1] == tokenizer.eod and s.loss_mask[-1] == 0
     assert media_runs(s.tokens, {"image": tokenizer.special_ids["<image>"]}) == [("image", 1, IMAGE_TOKENS)]
-    with pytest.raises(ValueError, match="must be human or gpt"):
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
         formatter.format({"conversations": [{"from": "bot", "value": "x"}]}, [])
 
 

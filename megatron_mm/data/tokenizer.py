@@ -72,6 +72,57 @@ def train_sentencepiece(
     return model_prefix + ".model"
 
 
+def extend_sentencepiece(model_path: str, out_path: str,
+                         special_tokens: tuple[str, ...] = MULTIMODAL_SPECIAL_TOKENS) -> list[str]:
+    """Write `model_path` to `out_path` with the `special_tokens` it lacks appended as
+    user-defined pieces (each then always one piece, with the next free id), and a `<pad>`
+    control piece if it has no pad (multimodal packing pads). Returns the pieces added.
+
+    The model is read as sentencepiece's ModelProto (protobuf data, nothing executed); its
+    other pieces and ids are unchanged, so text without the new pieces encodes as before.
+    A model without an end-of-sequence piece is refused (it ends every document).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    if not os.path.isfile(model_path):
+        raise ValueError(f"tokenizer {model_path}: file not found")
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        with open(model_path, "rb") as f:
+            proto.ParseFromString(f.read())
+    except Exception as err:  # protobuf's DecodeError, or anything a stranger's bytes provoke
+        raise ValueError(f"tokenizer {model_path}: not a sentencepiece model ({type(err).__name__})") from None
+    if not proto.pieces:
+        raise ValueError(f"tokenizer {model_path}: not a sentencepiece model (no pieces)")
+    piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+    have = {p.piece for p in proto.pieces}
+    if not 0 <= proto.trainer_spec.eos_id < len(proto.pieces):
+        raise ValueError(f"tokenizer {model_path}: has no end-of-sequence piece (eos_id="
+                         f"{proto.trainer_spec.eos_id}); it is needed to end each document")
+    added = []
+    for token in special_tokens:
+        if token not in have:
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = token, 0.0, piece_type.USER_DEFINED
+            added.append(token)
+    if not 0 <= proto.trainer_spec.pad_id < len(proto.pieces) - len(added):
+        pad = next((t for t in ("<pad>", "<|pad|>", "<mm_pad>") if t not in have), None)
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = pad, 0.0, piece_type.CONTROL
+        proto.trainer_spec.pad_id = len(proto.pieces) - 1
+        added.append(pad)
+    folder = os.path.dirname(out_path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(out_path, "wb") as f:
+        f.write(proto.SerializeToString())
+    try:
+        spm.SentencePieceProcessor(model_file=out_path)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"tokenizer {model_path}: sentencepiece cannot load it once extended ({err})") from None
+    return added
+
+
 def _file_md5(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()

@@ -9,7 +9,11 @@ scores highest. Chance is the mean of one over the number of answers. The demo s
 scored on two splits (see `data/multimodal/demo.py`): `heldout`, images and clips never
 trained on (new renders of the trained attribute combinations), and `novel`, attribute
 combinations no training sample has, where a model that memorised whole combinations scores
-at or below chance. A `shards` source is scored as one split, its own `data.shards`.
+at or below chance. A `shards` source (the user's own data) is scored on each of
+`data.eval_shards`, a split named after its folder: the loss over the learned tokens (as in
+training: caption tokens, answers) of its samples; the demo questions are not asked.
+
+`evaluation_table` renders a result as the aligned table `tools/evaluate.py` prints.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_mm.config import ConfigError, Config, validate
+from megatron_mm.config import ConfigError, Config, eval_split_name, validate
 from megatron_mm.data.multimodal.demo import (
     AUDIO_QUESTIONS, IMAGE_QUESTIONS, answer, describe_audio, describe_image,
 )
@@ -41,6 +45,9 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
         raise ConfigError([f"world size={env.world_size}: evaluation runs on one process"])
     if not cfg.checkpoint.load:
         raise ConfigError(["checkpoint.load=None: name the checkpoint to evaluate"])
+    if cfg.data.source == "shards" and not cfg.data.eval_shards:
+        raise ConfigError(["data.eval_shards=[]: name the held-out shards to evaluate on (folders or globs; "
+                           "tools/prepare_multimodal.py --heldout makes them)"])
     device = runtime.init_distributed(env, hardware)
     try:
         runtime.init_model_parallel(cfg.parallel)
@@ -60,9 +67,10 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
                 paths = prepare_demo(cfg)
                 splits = {"heldout": paths["heldout"], "novel": paths["novel"]}
             else:
-                splits = {"shards": cfg.data.shards}
+                splits = {eval_split_name(spec): spec for spec in cfg.data.eval_shards}
+            questions = cfg.data.source == "demo"  # the demo set's labels; own data has its own
             return {"iteration": iteration,
-                    **{name: _multimodal(cfg, data, model, device, shards, max_samples)
+                    **{name: _multimodal(cfg, data, model, device, shards, max_samples, questions)
                        for name, shards in splits.items()}}
     finally:
         runtime.shutdown()
@@ -108,7 +116,11 @@ def _candidates(kind: str, question: str, key: str, values, label: dict) -> tupl
     return conversations, list(values).index(label[key])
 
 
-def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_samples: int) -> dict:
+def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_samples: int,
+                questions: bool) -> dict:
+    """One split's loss (and with `questions`, the demo set's answer accuracies): samples
+    scored, learned tokens, samples skipped (unreadable, or too long for a sequence, as in
+    training)."""
     from megatron_mm.data.multimodal.stream import open_stream
 
     stream = open_stream(cfg, shards, data.tokenizer, 0, 1, 0, None, log=lambda m: None)
@@ -118,17 +130,26 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
     chance_sum = {"image": 0.0, "audio": 0.0}
     by_key: dict[str, int] = {}  # right answers per question (shape, colour, pitch, sound)
     loss_sum = tokens = 0.0
-    for n, sample in enumerate(loader):
-        if n >= max_samples or loader.position > loader.plan.samples_per_epoch:
+    scored = unusable = 0
+    for sample in loader:
+        if scored >= max_samples or loader.position > loader.plan.samples_per_epoch:
             break
         present = {"image": sample.image, "audio": sample.mel}
         kinds = [k for k, v in present.items() if v is not None]
         media = {"images": None if sample.image is None else sample.image[None].to(device),
                  "mels": None if sample.mel is None else sample.mel[None].to(device)}
-        own = formatter.format(sample.meta, kinds)
+        try:
+            own = formatter.format(sample.meta, kinds)
+        except ValueError:  # training skips such a sample too (stream.py)
+            unusable += 1
+            continue
+        if len(own) > cfg.model.seq_length + 1:
+            unusable += 1
+            continue
+        scored += 1
         loss_sum -= float(_sequence_logprobs(model, device, cfg.masks_documents, [own], media)[0])
         tokens += float(own.loss_mask[1:].sum())
-        if len(kinds) != 1 or "label" not in sample.meta:
+        if not questions or len(kinds) != 1 or "label" not in sample.meta:
             continue
         kind = kinds[0]
         for question_kind, question, key, values in QUESTIONS:
@@ -143,7 +164,10 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
             by_key[key] = by_key.get(key, 0) + correct
             asked[kind] += 1
             chance_sum[kind] += 1.0 / len(values)
-    result = {"loss": loss_sum / max(tokens, 1.0)}
+    result = {"loss": loss_sum / tokens if tokens else None, "samples": scored, "tokens": int(tokens),
+              "skipped": loader.skipped + unusable}
+    if not questions:
+        return result
     for kind in ("image", "audio"):
         result[f"{kind}_accuracy"] = right[kind] / asked[kind] if asked[kind] else None
         result[f"chance_{kind}"] = chance_sum[kind] / asked[kind] if asked[kind] else None
@@ -152,3 +176,40 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
         kind = "image" if key in ("shape", "colour") else "audio"
         result[f"{key}_accuracy"] = by_key.get(key, 0) / (asked[kind] // 2) if asked[kind] else None
     return result
+
+
+# (result key, column title) of the demo set's accuracies, in the README table's order
+ACCURACY_COLUMNS = [("shape_accuracy", "shape"), ("colour_accuracy", "colour"), ("pitch_accuracy", "pitch"),
+                    ("sound_accuracy", "tone or chord")]
+
+
+def _chance(key: str) -> float:
+    values = next(values for _, _, k, values in QUESTIONS if f"{k}_accuracy" == key)
+    return 1.0 / len(values)
+
+
+def _cell(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def evaluation_table(result: dict) -> str:
+    """`evaluate`'s result as an aligned text table: a row per split (samples, the demo
+    accuracies when there are any, loss), and for the demo set a chance row."""
+    splits = {name: split for name, split in result.items() if isinstance(split, dict)}
+    demo = any("shape_accuracy" in split for split in splits.values())
+    header = ["split", "samples"] + ([title for _, title in ACCURACY_COLUMNS] if demo else ["tokens", "skipped"]) \
+        + ["loss"]
+    rows = []
+    for name, split in splits.items():
+        cells = [name, _cell(split.get("samples"))]
+        cells += ([_cell(split.get(key)) for key, _ in ACCURACY_COLUMNS] if demo
+                  else [_cell(split.get("tokens")), _cell(split.get("skipped"))])
+        rows.append(cells + [_cell(split.get("loss"), 3)])
+    if demo:
+        rows.append(["chance", ""] + [_cell(_chance(key)) for key, _ in ACCURACY_COLUMNS] + [""])
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = [f"checkpoint iteration {result.get('iteration')}"]
+    for row in [header] + rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    return "\n".join(lines)

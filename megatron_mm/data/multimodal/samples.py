@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from megatron_mm.data.multimodal.conversations import conversation_turns
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
@@ -57,8 +59,8 @@ def _texts(meta) -> list[str]:
         raise ValueError(f"json is a {type(meta).__name__}, not an object")
     if "text" in meta:
         texts = [meta["text"]]
-    elif isinstance(meta.get("conversations"), list) and meta["conversations"]:
-        texts = [turn.get("value") if isinstance(turn, dict) else None for turn in meta["conversations"]]
+    elif "conversations" in meta:
+        return [text for _, text in conversation_turns(meta["conversations"])]  # a TurnError is a ValueError
     else:
         raise ValueError('json has neither "text" nor a non-empty "conversations" list')
     for text in texts:

@@ -1,9 +1,11 @@
 """Seed JSONL -> WebDataset shards, one validated row at a time.
 
 A row is pretraining `{"text", "image"?, "audio"?}` or instruction
-`{"conversations": [{"from": "human"|"gpt", "value"}, ...], "image"?, "audio"?}`; media
+`{"conversations": [turn, ...], "image"?, "audio"?}`, a turn in any dialect of
+`conversations.py` (`{"from": "human"|"gpt"|"user"|"assistant", "value"}` or
+`{"role": "user"|"assistant", "content"}`, optionally opened by a system turn); media
 paths are relative to the JSONL file's folder, or absolute; other fields (e.g. "label",
-"task") are kept. Each good row becomes one sample written with `webdataset.ShardWriter`:
+"task", "metadata") are kept, and the turns are stored in the row's own dialect. Each good row becomes one sample written with `webdataset.ShardWriter`:
 `__key__` (the row's line number, zero-padded to 9 digits, so a sample the loader skips
 points back at its line), `json` (the row without its media paths) and the media file's
 bytes unchanged as `jpg`/`png` and `wav`/`flac` (the extension follows the decoded format,
@@ -11,7 +13,7 @@ not the file name). Shards are `shard-000000.tar`, ... with mtime 0, so the same
 gives byte-identical shards.
 
 A bad row is reported as `row N: field: reason` and not written: JSON that does not
-parse, no or empty text, an unknown role, a placeholder without its media (or more than
+parse, no or empty text, an unknown role or a conversation `conversation_turns` refuses, a placeholder without its media (or more than
 one of a kind), a media file that is missing or does not decode (PIL open + verify + load
 for images, soundfile reading every frame for audio), or that has no audio frames.
 """
@@ -29,9 +31,9 @@ import soundfile
 import webdataset
 from PIL import Image
 
+from megatron_mm.data.multimodal.conversations import TurnError, conversation_turns
 from megatron_mm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN
 
-ROLES = ("human", "gpt")
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # PIL format -> member extension
 AUDIO_FORMATS = {"WAV": "wav", "FLAC": "flac"}  # soundfile format -> member extension
 SHARD_PATTERN = "shard-%06d.tar"
@@ -62,18 +64,11 @@ def _texts(row: dict) -> tuple[str, list[str]]:
         return "text", [_nonempty_string(row["text"], "text")]
     if "conversations" not in row:
         raise RowError("text", 'missing (a row needs "text" or "conversations")')
-    turns = row["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise RowError("conversations", "must be a non-empty list of turns")
-    values = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(f"conversations[{i}]", "must be an object with \"from\" and \"value\"")
-        if turn.get("from") not in ROLES:
-            raise RowError(f"conversations[{i}].from", f"unknown role {turn.get('from')!r} (human or gpt)")
-        values.append(_nonempty_string(turn.get("value"), f"conversations[{i}].value"))
-    if not any(turn["from"] == "gpt" for turn in turns):
-        raise RowError("conversations", "no gpt turn (nothing to learn)")
+    try:
+        turns = conversation_turns(row["conversations"])
+    except TurnError as err:
+        raise RowError(err.field, err.reason) from None
+    values = [text for _, text in turns]
     return "conversations", values
 
 
@@ -157,10 +152,12 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
 
 def build_shards(jsonl: str, out: str, samples_per_shard: int = 1000,
                  report: Callable[[str], None] = print,
-                 log: Callable[[str], None] = lambda message: None) -> dict:
+                 log: Callable[[str], None] = lambda message: None,
+                 on_written: Optional[Callable[[dict], None]] = None) -> dict:
     """Validate every row of `jsonl` and write the good ones as shards into `out`.
 
-    `report` gets one `row N: field: reason` line per bad row. Returns the summary:
+    `report` gets one `row N: field: reason` line per bad row; `on_written`, if given, each
+    written row (as stored: without its media paths). Returns the summary:
     rows (non-blank lines), written, bad, shards, out, seconds. `out` must hold no shards.
     """
     if samples_per_shard < 1:
@@ -187,6 +184,8 @@ def build_shards(jsonl: str, out: str, samples_per_shard: int = 1000,
                 writer = webdataset.ShardWriter(os.path.join(out, SHARD_PATTERN), maxcount=samples_per_shard,
                                                 verbose=0, encoder=False, mtime=0)
             writer.write(sample)
+            if on_written is not None:
+                on_written(json.loads(sample["json"]))
             if rows % 1000 == 0:
                 log(f"{rows} rows, {rows - bad} written, {bad} bad")
     finally:

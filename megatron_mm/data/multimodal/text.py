@@ -7,13 +7,16 @@ target (it is learned from the tokens before it; with labels `tokens[1:]`, use
 
 * Pretraining `{"text"}`: every text token and the closing end-of-document token are
   learned.
-* Instruction `{"conversations"}`, rendered with this template (markers are single
+* Instruction `{"conversations"}` (any dialect `conversations.py` reads: human/gpt,
+  user/assistant, role/content), rendered with this template (markers are single
   sentencepiece pieces, see `tokenizer.MULTIMODAL_SPECIAL_TOKENS`)::
 
-      <|user|> {human} <|end|> <|assistant|> {gpt} <|end|> ... </s>
+      [{system} <|end|>] <|user|> {human} <|end|> <|assistant|> {gpt} <|end|> ... </s>
 
   Only the gpt answers and the `<|end|>` that closes each answer are learned (the model
   must learn where an answer stops); human turns, the role markers and `</s>` are not.
+  An opening system turn is context in front of the first marker, closed by `<|end|>` and
+  not learned (no piece of its own, so tokenizers without one keep working).
 * Each `<image>` / `<audio>` in the text becomes a run of `num_image_tokens` /
   `num_audio_tokens` copies of its placeholder id, never learned. Media without a
   placeholder go first (image before audio). At most one image and one audio a sample.
@@ -31,6 +34,7 @@ from typing import Any, Collection, Iterable
 
 import numpy as np
 
+from megatron_mm.data.multimodal.conversations import SYSTEM, USER, TurnError, conversation_turns
 from megatron_mm.data.tokenizer import (
     ASSISTANT_TOKEN, AUDIO_TOKEN, END_TOKEN, IMAGE_TOKEN, MULTIMODAL_SPECIAL_TOKENS, USER_TOKEN,
     SentencePieceTokenizer, train_sentencepiece,
@@ -90,17 +94,22 @@ class TextFormatter:
             emit_text(sample["text"], True)
             emit([self.tokenizer.eod], True)
         elif "conversations" in sample and "text" not in sample:
-            for i, turn in enumerate(sample["conversations"]):
-                if turn.get("from") == "human":
-                    emit([self.user], False)
-                    emit_text(turn["value"], False)
+            try:
+                turns = conversation_turns(sample["conversations"])
+            except TurnError as err:
+                raise ValueError(str(err)) from None
+            for role, text in turns:
+                if role == SYSTEM:
+                    emit_text(text, False)
                     emit([self.end], False)
-                elif turn.get("from") == "gpt":
-                    emit([self.assistant], False)
-                    emit_text(turn["value"], True)
-                    emit([self.end], True)
+                elif role == USER:
+                    emit([self.user], False)
+                    emit_text(text, False)
+                    emit([self.end], False)
                 else:
-                    raise ValueError(f"conversations[{i}].from={turn.get('from')!r}: must be human or gpt")
+                    emit([self.assistant], False)
+                    emit_text(text, True)
+                    emit([self.end], True)
             emit([self.tokenizer.eod], False)
         else:
             raise ValueError(f"sample with keys {sorted(sample)}: needs exactly one of \"text\" or \"conversations\"")
@@ -205,15 +214,20 @@ def pack_samples(items: Iterable[tuple[Any, FormattedSample]], seq_length: int,
 
 def sample_texts(sample: dict) -> list[str]:
     """The text of a sample (caption or every turn's value) without media placeholders."""
-    texts = [sample["text"]] if "text" in sample else [t["value"] for t in sample.get("conversations", [])]
+    if "text" in sample:
+        texts = [sample["text"]]
+    else:
+        texts = [text for _, text in conversation_turns(sample["conversations"])] if "conversations" in sample else []
     return [_PLACEHOLDER_SPLIT.sub(" ", text) for text in texts]
 
 
-def train_multimodal_tokenizer(samples: Iterable[dict], model_prefix: str, vocab_size: int = 512) -> str:
+def train_multimodal_tokenizer(samples: Iterable[dict], model_prefix: str, vocab_size: int = 512,
+                               byte_fallback: bool = False) -> str:
     """Train a SentencePiece model on the samples' texts with the multimodal special pieces.
 
     Returns the `.model` path. For the demo set, pass the rows of train.jsonl; a vocab of
     512 matches the tiny model.
     """
     texts = [text for sample in samples for text in sample_texts(sample)]
-    return train_sentencepiece(texts, model_prefix, vocab_size, special_tokens=MULTIMODAL_SPECIAL_TOKENS)
+    return train_sentencepiece(texts, model_prefix, vocab_size, byte_fallback=byte_fallback,
+                               special_tokens=MULTIMODAL_SPECIAL_TOKENS)
