@@ -146,6 +146,22 @@ def trigger_notices():
         torch.distributed.reduce_scatter_tensor(torch.zeros(2), torch.ones(2))  # as param_and_grad_buffer.py binds it
         torch.distributed.all_gather_into_tensor(torch.zeros(2), torch.ones(2))
         get_rerun_state_machine()  # first use by the schedules: implicit, mode DISABLED
+        # a torch_dist checkpoint saved and loaded, as on every resume (the loader builds torch
+        # ShardedTensors through the deprecated load_state_dict)
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        from megatron_mm.config import Hardware
+        from megatron_mm.runtime import compat
+
+        compat.apply(Hardware())  # as in training: the writer synchronises "CUDA"
+
+        def layer_stack(data):  # a tensor of layer 0 of a stack, as TransformerBlock shards its layers
+            return {"w": ShardedTensor.from_rank_offsets("w", data, (0, 0, 1), replica_id=0, prepend_axis_num=1)}
+
+        os.makedirs(f"{tmp}/ckpt")
+        dist_checkpointing.save(layer_stack(torch.ones(4)), f"{tmp}/ckpt")
+        dist_checkpointing.load(layer_stack(torch.zeros(4)), f"{tmp}/ckpt")
         torch.distributed.destroy_process_group()
 
 

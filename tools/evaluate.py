@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore")
 
 from megatron_mm.cli import report_errors  # noqa: E402
 from megatron_mm.config import add_config_args, load_config  # noqa: E402

@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# megatron-core warns about missing fused kernels on import; a data tool needs none.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+
+hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
 
 from megatron_mm.config import ConfigError, load_config  # noqa: E402
 from megatron_mm.data.multimodal.own_data import prepare_own_data, training_commands  # noqa: E402

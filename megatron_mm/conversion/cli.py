@@ -23,6 +23,9 @@ def run_conversion(convert: Callable[[], dict]) -> int:
     """Run `convert` (which returns its summary) and print the summary with `seconds`,
     `peak_rss_gib` and `rss_after_imports_gib` as the last stdout line: exit 0. A conversion
     or config error is printed as `conversion error:` lines on stderr instead: exit 2."""
+    from megatron_mm.runtime import compat
+
+    compat.hide_notices()  # before megatron-core is imported
     from megatron_mm.config import ConfigError
     from megatron_mm.conversion.dcp import ConversionError
     from megatron_mm.conversion.progress import peak_rss_gib

@@ -506,7 +506,7 @@ class Notice:
     name: str
     call_site: str
     message: str  # regular expression, matched at the start of the message
-    source: str  # the package that reports it (a warning) or the logger's name (a log record)
+    source: str  # the packages that report it ("a.b|c.d"; a warning) or the logger's name (a log record)
     kind: str  # "warning" or "log"
     about_apex_te: bool  # counted in the banner's Apex / Transformer Engine line
 
@@ -536,6 +536,21 @@ NOTICES: list[Notice] = [
         "torch.distributed", "warning", False,
     ),
     Notice(
+        "dcp_load_state_dict_renamed",
+        "dist_checkpointing/strategies/torch.py:799 (TorchDistLoadShardedStrategy.load) calls "
+        "torch.distributed.checkpoint.load_state_dict, which torch 2.13 deprecates for `load`; every resume",
+        r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead",
+        "megatron.core", "warning", False,
+    ),
+    Notice(
+        "sharded_tensor_deprecated",
+        "dist_checkpointing/strategies/torch.py builds torch ShardedTensors for the torch_dist format, which "
+        "torch 2.13 deprecates for DTensor; every resume (reported from CudaToCpuMode on CPU, which makes "
+        "the call)",
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+        "megatron.core|megatron_mm.runtime", "warning", False,
+    ),
+    Notice(
         "rerun_state_machine_disabled",
         "rerun_state_machine.py get_rerun_state_machine and RerunStateMachine.__init__ log at WARNING that "
         "the result-validation rerun machine starts, in its default mode DISABLED (first schedule call)",
@@ -548,8 +563,10 @@ _hidden: Counter = Counter()
 _notices_installed = False
 
 
-def _reported_from(filename: str, package: str) -> bool:
-    return f"/{package.replace('.', '/')}/" in filename.replace("\\", "/")
+def _reported_from(filename: str, packages: str) -> bool:
+    """Whether `filename` lies in one of `packages` ("a.b|c.d")."""
+    path = filename.replace("\\", "/")
+    return any(f"/{package.replace('.', '/')}/" in path for package in packages.split("|"))
 
 
 def hide_notices() -> None:
@@ -563,7 +580,8 @@ def hide_notices() -> None:
     for n in warned:
         # "default" (once a call site) ahead of the user's filters: a notice reaches the
         # counting hook below even under -W error, which is for warnings one can act on.
-        warnings.filterwarnings("default", message=n.message, module=re.escape(n.source) + r"\.")
+        modules = "|".join(re.escape(package) + r"\." for package in n.source.split("|"))
+        warnings.filterwarnings("default", message=n.message, module=modules)
     previous = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
