@@ -162,6 +162,20 @@ def trigger_notices():
         os.makedirs(f"{tmp}/ckpt")
         dist_checkpointing.save(layer_stack(torch.ones(4)), f"{tmp}/ckpt")
         dist_checkpointing.load(layer_stack(torch.zeros(4)), f"{tmp}/ckpt")
+        # a sequence-parallel linear on a TP group of one (the experts' with parallel.etp=1), run
+        from megatron.core import parallel_state
+        from megatron.core.model_parallel_config import ModelParallelConfig
+        from megatron.core.tensor_parallel.layers import (
+            ColumnParallelLinear, linear_with_grad_accumulation_and_async_allreduce,
+        )
+
+        parallel_state.initialize_model_parallel()
+        group = parallel_state.get_tensor_model_parallel_group()
+        config = ModelParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, use_cpu_initialization=True)
+        ColumnParallelLinear(4, 4, config=config, init_method=torch.nn.init.zeros_, tp_group=group)
+        linear_with_grad_accumulation_and_async_allreduce(torch.ones(2, 1, 4), torch.ones(4, 4), None, False, False,
+                                                          sequence_parallel=True, tp_group=group)
+        parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
 
 

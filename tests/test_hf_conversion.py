@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, losses, pretrain
+from conftest import ROOT, TEXT_STEPS, losses, pretrain
 from megatron_mm.config import ParallelConfig, load_config
 from megatron_mm.conversion import mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
@@ -333,4 +333,4 @@ def test_progress_bar_and_summary(converted, tmp_path, capsys):
                                             "--out", str(tmp_path / "hf")], capsys)
     assert code == 0 and "to HF" in err and "100%" in err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["iteration"] == 2 and summary["layout"]["pp"] == 2 and summary["shards"] == 1
+    assert summary["iteration"] == TEXT_STEPS and summary["layout"]["pp"] == 2 and summary["shards"] == 1

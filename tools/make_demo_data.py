@@ -1,6 +1,10 @@
 """Write the procedural multimodal demo set (captioned shapes and tones; no downloads).
 
     python tools/make_demo_data.py --out data/demo --n 2000 --seed 0
+    python tools/make_demo_data.py --out data/text --n 2000 --seed 1 --text    # text only
+
+--text writes DIR/corpus.txt instead: N documents of the generated text corpus (the text
+quickstart's), separated by blank lines, the input format of tools/prepare_data.py.
 
 Writes DIR/train.jsonl, DIR/heldout.jsonl (new renders of the trained attribute combinations),
 DIR/novel.jsonl (combinations never trained on; both with "label" for scoring) and media under
@@ -20,6 +24,7 @@ from megatron_mm.runtime.compat import hide_notices  # noqa: E402
 
 hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
 
+from megatron_mm.data.corpus import generate_corpus  # noqa: E402
 from megatron_mm.data.multimodal.demo import make_demo_data  # noqa: E402
 
 
@@ -30,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, help="number of held-out samples (default n // 10)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--text", action="store_true", help="write DIR/corpus.txt (generated text) instead")
     args = parser.parse_args(argv)
+    if args.text:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "corpus.txt")
+        with open(path, "w") as f:
+            f.write("\n\n".join(generate_corpus(args.n, args.seed)) + "\n")
+        print(json.dumps({"corpus": path, "documents": args.n}), flush=True)
+        return 0
     try:
         summary = make_demo_data(args.out, args.n, args.seed, args.heldout, args.image_size,
                                  log=lambda m: print(f"make_demo_data: {m}", file=sys.stderr, flush=True))

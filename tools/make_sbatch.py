@@ -32,6 +32,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+
+hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
 
 from megatron_mm.config import ConfigError, load_config, validate  # noqa: E402
 from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402

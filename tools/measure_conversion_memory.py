@@ -22,6 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+
+hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
 
 V3_ROUTER = ["model.router_score_function=sigmoid", "model.router_expert_bias=true", "model.aux_loss_coeff=0"]
 

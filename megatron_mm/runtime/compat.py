@@ -551,6 +551,21 @@ NOTICES: list[Notice] = [
         "megatron.core|megatron_mm.runtime", "warning", False,
     ),
     Notice(
+        "expert_sequence_parallel_off",
+        "tensor_parallel/layers.py:914 (ColumnParallelLinear/RowParallelLinear.__init__): the routed experts' "
+        "linears run on the expert TP group (parallel.etp=1) and turn sequence parallelism off for "
+        "themselves, as intended, whenever parallel.sequence_parallel is on",
+        r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel",
+        "megatron.core", "warning", False,
+    ),
+    Notice(
+        "cuda_device_max_connections",
+        "tensor_parallel/layers.py:730 (linear_with_grad_accumulation_and_async_allreduce), with sequence "
+        "parallelism: a GPU setting (our sbatch jobs export CUDA_DEVICE_MAX_CONNECTIONS=1); nothing to set on CPU",
+        r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+        "megatron.core", "warning", False,
+    ),
+    Notice(
         "rerun_state_machine_disabled",
         "rerun_state_machine.py get_rerun_state_machine and RerunStateMachine.__init__ log at WARNING that "
         "the result-validation rerun machine starts, in its default mode DISABLED (first schedule call)",
