@@ -27,7 +27,7 @@ setup(
         # DALI reads the multimodal shards (on the GPU when there is one, else its CPU pipeline).
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
-        "dev": ["pytest", "pytest-timeout", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors", "protobuf"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors", "protobuf"],
         # Loading converted folders (megatron_mm.conversion.hf_model) and checking conversions
         # (tools/verify_hf.py); the converters themselves need neither.
         "hf": ["transformers>=5.24,<6", "safetensors", "protobuf"],

@@ -13,6 +13,23 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart_text.yaml")
 QUICKSTART_MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
 
 
+# The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, the README's test
+# command): most runs here are one process on one thread, which leaves the second core idle.
+# Every module is one scheduling group, so its module-scoped runs happen once, on one worker;
+# modules that share session-scoped runs form one group.
+SHARED_GROUPS = {
+    "test_training": "text_layout_runs", "test_hf_conversion": "text_layout_runs",  # TextLayoutRuns
+    "test_readme": "fresh_home", "test_shipped_configs": "fresh_home",  # the demo set built once in HOME
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,7 +39,11 @@ LAYOUTS = {
     "tp2_pp2_ep2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
 }
 EXTRA_LAYOUTS = {"tiny": {"pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"])}}  # interleaved: layers 0,2 | 1,3
-CASES = [(name, layout) for name in CONFIGS for layout in {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})}]
+# tiny trains every layout anyway (tests/test_training.py); tiny_alt one rank and the layout
+# that slices along TP, PP and EP at once
+LAYOUTS_OF = {"tiny": {**LAYOUTS, **EXTRA_LAYOUTS["tiny"]},
+              "tiny_alt": {k: LAYOUTS[k] for k in ("tp1", "tp2_pp2_ep2")}}
+CASES = [(name, layout) for name in CONFIGS for layout in LAYOUTS_OF[name]]
 TRAIN = ["train.steps=2", "train.scheduler.warmup_steps=0", "train.global_batch_size=8", "train.micro_batch_size=1",
          "logging.tensorboard=false", "logging.interval=1", "checkpoint.save_interval=0"]
 # fp32 on CPU: the two implementations sum in different orders. Observed <= 3e-6.
@@ -72,7 +76,7 @@ def converted(tmp_path_factory, data_cache, text_layout_runs):
     out = {}
     for name, config in CONFIGS.items():
         pairs = []
-        for layout, (nproc, sets) in {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})}.items():
+        for layout, (nproc, sets) in LAYOUTS_OF[name].items():
             if name == "tiny":
                 run = text_layout_runs("single" if layout == "tp1" else layout)
             else:

@@ -35,7 +35,7 @@ TIME_LIMIT_S = 180
 
 # A unique piece of the command -> why it does not run here.
 SKIPPED = {
-    "python -m pytest -q tests": "the test suite itself (this test is part of it)",
+    "python -m pytest -q -n 2 --dist loadgroup tests": "the test suite itself (this test is part of it)",
     "tensorboard --logdir": "starts a web server that runs until stopped",
     "configs/bench/deepseek_v2_lite_4layers_1gpu.yaml": "needs a GPU (a 2.1B-parameter bf16 model)",
     "--launcher slurm": "needs a SLURM cluster with GPU partitions (tests/test_slurm.py runs the same tool "
@@ -55,7 +55,7 @@ REDUCED = {
     QUICKSTART: {
         "drop": r"pip install [^&]*&& ",
         "append": {
-            "launch/pretrain.py --config configs/quickstart.yaml": " --set train.steps=30 --set data.demo_samples=600",
+            "launch/pretrain.py --config configs/quickstart.yaml": " --set train.steps=10",
             "tools/evaluate.py --config configs/quickstart.yaml": " --max-samples 24",
         },
     },
