@@ -124,19 +124,30 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
     _raise_if_failed(root, iteration, _first_of_all_ranks(error), folder)
     if rank0:
         try:
-            final = files.install_iteration(root, folder, iteration)
+            files.install_iteration(root, folder, iteration)
             _test_kill_at("after_tensors", iteration)
             files.move_tracker(root, iteration)
-            pruned = files.prune(root, cfg.checkpoint.keep_last, iteration)
-            if pruned:
-                print(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: deleted iteration(s) "
-                      f"{', '.join(map(str, pruned))}", flush=True)
         except OSError as err:
             error = _failure(err)
+        if error is None:
+            _prune(root, cfg.checkpoint.keep_last, iteration)
     shared = [error]
     torch.distributed.broadcast_object_list(shared, src=0)
     _raise_if_failed(root, iteration, shared[0], folder)
     return files.iteration_dir(root, iteration)
+
+
+def _prune(root: str, keep_last: Optional[int], published: int) -> None:
+    """checkpoint.keep_last, once iteration `published` is: one log line of what went. The
+    checkpoint is safe by now, so a deletion that fails is logged and the run goes on."""
+    try:
+        gone = files.prune(root, keep_last, published)
+    except OSError as err:
+        print(f"checkpoint.keep_last={keep_last}: cannot delete an older iteration in {root}: {_failure(err)}",
+              flush=True)
+        return
+    if gone:
+        print(f"checkpoint.keep_last={keep_last}: deleted iteration(s) {', '.join(map(str, gone))}", flush=True)
 
 
 def remove_leftovers(root: str) -> None:
