@@ -18,7 +18,9 @@ per rank and are restored only into the same layout, layers per stage included.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -30,6 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mm.config import Config, to_dict
 from megatron_mm.runtime import distributed as runtime
@@ -39,6 +42,7 @@ from megatron_mm.training.checkpoint_pickles import (PickleRefused, read_checkpo
                                                      weights_only_torch_loads)
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+FULL_DISK_BYTES = 1 << 20  # a save that failed with less free space than this failed for want of it
 
 
 class CheckpointError(RuntimeError):
@@ -117,10 +121,10 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
         data_state=data_state or {},
     )
     try:
-        with _test_kill_during_tensors(iteration, folder):
+        with _writer_errors_unlogged(), _test_kill_during_tensors(iteration, folder):
             dist_checkpointing.save(state, folder, sharded_strategy=("torch_dist", 1))
-    except Exception as err:  # disk full, permission: every rank raises (DCP shares write failures)
-        error = _failure(err)
+    except (Exception, CheckpointException) as err:  # disk full, permission: DCP shares write failures
+        error = _failure(err, root)
     _raise_if_failed(root, iteration, _first_of_all_ranks(error), folder)
     if rank0:
         try:
@@ -161,10 +165,12 @@ def remove_leftovers(root: str) -> None:
     torch.distributed.barrier()
 
 
-def _failure(err: BaseException) -> str:
+def _failure(err: BaseException, root: Optional[str] = None) -> str:
     """One line saying why a save failed: the OSError underneath when there is one (megatron-core's
-    writer processes and DCP wrap it), else the first line of the message."""
-    pending, seen = [err], set()
+    writer processes and DCP wrap it, and pass it between processes as text: "[Errno 28] ..."),
+    else the innermost message's first line, said to be a full disk when the file system of
+    `root` has no space left (torch's zip writer words ENOSPC as "enforce fail ... unexpected pos")."""
+    pending, seen, messages = [err], set(), []
     while pending:
         e = pending.pop(0)
         if e is None or id(e) in seen:
@@ -172,12 +178,33 @@ def _failure(err: BaseException) -> str:
         seen.add(id(e))
         if isinstance(e, OSError) and e.strerror:
             return e.strerror + (f": {e.filename}" if e.filename else "")
+        messages.append(str(e).strip())
         pending += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (exception, trace)
         if isinstance(failures, dict):
             pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+    for text in messages:
+        match = re.search(r"\[Errno \d+\] ([^\n:]+)", text)
+        if match:
+            return match.group(1).strip()
+    texts = [text for text in messages if text]
+    reason = texts[-1].splitlines()[0][:300] if texts else type(err).__name__
+    if root is not None and os.path.isdir(root) and shutil.disk_usage(root).free < FULL_DISK_BYTES:
+        return f"No space left on device ({reason})"
+    return reason
+
+
+@contextlib.contextmanager
+def _writer_errors_unlogged():
+    """megatron-core's checkpoint writer logs each failure ("Local process 0 encountered an
+    error"); the CheckpointError this module raises says it once, so its log is held back."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_of_all_ranks(error: Optional[str]) -> Optional[str]:
