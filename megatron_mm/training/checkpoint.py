@@ -168,8 +168,8 @@ def remove_leftovers(root: str) -> None:
 def _failure(err: BaseException, root: Optional[str] = None) -> str:
     """One line saying why a save failed: the OSError underneath when there is one (megatron-core's
     writer processes and DCP wrap it, and pass it between processes as text: "[Errno 28] ..."),
-    else the innermost message's first line, said to be a full disk when the file system of
-    `root` has no space left (torch's zip writer words ENOSPC as "enforce fail ... unexpected pos")."""
+    else the innermost message's first line, or a full disk when the file system of `root` has no
+    space left (torch's zip writer words ENOSPC as "enforce fail ... unexpected pos 704 vs 598")."""
     pending, seen, messages = [err], set(), []
     while pending:
         e = pending.pop(0)
@@ -190,7 +190,7 @@ def _failure(err: BaseException, root: Optional[str] = None) -> str:
     texts = [text for text in messages if text]
     reason = texts[-1].splitlines()[0][:300] if texts else type(err).__name__
     if root is not None and os.path.isdir(root) and shutil.disk_usage(root).free < FULL_DISK_BYTES:
-        return f"No space left on device ({reason})"
+        return "No space left on device"  # torch's wording of it says less
     return reason
 
 
