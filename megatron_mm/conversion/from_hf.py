@@ -153,8 +153,8 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
             raise ConversionError(f"{path}: unknown key {stray[0]} (no encoder of that kind in {OURS_FILE})")
 
     layout = Layout(cfg.parallel, m.num_layers)
-    partial = new_iteration_folder(out, iteration)
-    writer = DistCheckpointWriter(partial)
+    unfinished = new_iteration_folder(out, iteration)
+    writer = DistCheckpointWriter(unfinished)
     dtype_of = lambda t: t.dtype if dtype is None or not t.is_floating_point() else dtype  # noqa: E731
     shapes = mapping.megatron_shapes(m)
     total = sum(nbytes(reader.shape(k), torch.float32) for k in reader.keys())
@@ -204,6 +204,6 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         "converted_from": os.path.abspath(hf),
     }
     writer.finish(common)
-    final = publish(out, partial, iteration)
+    final = publish(out, unfinished, iteration)
     return {"out": final, "iteration": iteration, "tensors": len(writer.state_dict_metadata),
             "files": len(writer.files), "layout": common["layout"]}
