@@ -263,6 +263,7 @@ class CheckpointConfig:
     load_optimizer: bool = True
     save_on_sigterm: bool = True
     save_at_end: bool = True  # false for benchmarks: nothing is written after the last step
+    keep_last: Optional[int] = None  # N: delete all but the newest N iterations once a newer one is saved
 
 
 @dataclass
@@ -727,6 +728,8 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
              "must name an existing sentencepiece .model when data.source=indexed")
     rule(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
          cfg.checkpoint.save_interval, "must be >= 0 (0: save only at the end)")
+    rule(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last",
+         cfg.checkpoint.keep_last, "must be >= 1 (or null: keep every iteration)")
     if cfg.checkpoint.load:
         rule(os.path.isdir(cfg.checkpoint.load), "checkpoint.load", cfg.checkpoint.load,
              "is not a folder")

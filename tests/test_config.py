@@ -295,6 +295,8 @@ BAD = [
     bad("indexed without tokenizer", "data.tokenizer=None: must name an existing sentencepiece .model when "
         "data.source=indexed", ["data.source=indexed", "data.prefix=corpus"]),
     bad("load not a folder", "checkpoint.load=/nonexistent/ckpt: is not a folder", ["checkpoint.load=/nonexistent/ckpt"]),
+    bad("keep no checkpoint", "checkpoint.keep_last=0: must be >= 1 (or null: keep every iteration)",
+        ["checkpoint.keep_last=0"]),
 ]
 
 

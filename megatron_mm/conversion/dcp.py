@@ -4,7 +4,8 @@ megatron-core's `dist_checkpointing` (torch_dist backend) stores a PyTorch Distr
 Checkpoint (DCP): `.metadata` (a pickled `torch.distributed.checkpoint.Metadata`: every key's
 global shape, dtype and saved chunks, and where each chunk's bytes lie), `__R_I.distcp` files
 (each chunk `torch.save`d at an offset), plus megatron's `metadata.json` (backend name) and
-`common.pt` (the non-sharded state: iteration, config, layout).
+`common.pt` (the non-sharded state: iteration, config, layout). The pickled parts are read
+through `training/checkpoint_pickles.py`, which runs no code from them.
 
 Keys are global parameter names (`decoder.layers.3.mlp.router.weight`) with global shapes,
 whatever TP/PP/EP/VPP layout saved them, so reading a key here gives the full tensor in any
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_mm.training.checkpoint_files import TRACKER, tracked_iteration
+from megatron_mm.training.checkpoint_pickles import PickleRefused, read_checkpoint_pickles
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -111,14 +113,13 @@ class DistCheckpointReader:
             backend = json.load(open(meta_json)).get("sharded_backend")
             if backend != "torch_dist":
                 raise ConversionError(f"checkpoint {self.folder}: sharded backend {backend!r}; only torch_dist is read")
-        if not os.path.exists(os.path.join(self.folder, ".metadata")):
-            raise ConversionError(f"checkpoint {self.folder}: .metadata missing (not a complete distributed checkpoint)")
+        try:  # never DCP's own read_metadata: a plain pickle.load
+            self.metadata, self.common = read_checkpoint_pickles(self.folder)
+        except PickleRefused as err:
+            raise ConversionError(f"checkpoint {self.folder}: {err}") from None
         self.reader = FileSystemReader(self.folder)
-        self.metadata: Metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self._check_files()
-        common = os.path.join(self.folder, "common.pt")
-        self.common = torch.load(common, weights_only=False) if os.path.exists(common) else {}
 
     def _check_files(self) -> None:
         """Every `.distcp` file the metadata points into exists and is long enough."""

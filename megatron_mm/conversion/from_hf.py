@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
 from megatron_mm.conversion.to_hf import OURS_FILE
-from megatron_mm.training.checkpoint_files import iteration_dir, layout_of, publish
+from megatron_mm.training.checkpoint_files import layout_of, new_iteration_folder, publish
 
 
 def read_hf_config(folder: str) -> tuple[dict, dict]:
@@ -154,9 +153,8 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
             raise ConversionError(f"{path}: unknown key {stray[0]} (no encoder of that kind in {OURS_FILE})")
 
     layout = Layout(cfg.parallel, m.num_layers)
-    partial = iteration_dir(out, iteration) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    writer = DistCheckpointWriter(partial)
+    unfinished = new_iteration_folder(out, iteration)
+    writer = DistCheckpointWriter(unfinished)
     dtype_of = lambda t: t.dtype if dtype is None or not t.is_floating_point() else dtype  # noqa: E731
     shapes = mapping.megatron_shapes(m)
     total = sum(nbytes(reader.shape(k), torch.float32) for k in reader.keys())
@@ -206,6 +204,6 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         "converted_from": os.path.abspath(hf),
     }
     writer.finish(common)
-    final = publish(out, partial, iteration)
+    final = publish(out, unfinished, iteration)
     return {"out": final, "iteration": iteration, "tensors": len(writer.state_dict_metadata),
             "files": len(writer.files), "layout": common["layout"]}

@@ -323,7 +323,9 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
         with open(os.path.join(cfg.run.dir, "parameters.json"), "w") as f:
             json.dump({"stages": stages, "total": sum(st["parameters"] for st in stages)}, f, indent=1)
 
-    # Resume.
+    # Resume (after clearing what a save killed mid-way left in the checkpoints folder).
+    ckpt_root = cfg.checkpoint_dir
+    checkpoint.remove_leftovers(ckpt_root)
     start, data_state = 0, {}
     if cfg.checkpoint.load and not cfg.checkpoint.load_optimizer:
         iteration, _, _ = checkpoint.load(cfg.checkpoint.load, model, None, None, cfg)
@@ -332,7 +334,6 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
         start, note, data_state = checkpoint.load(cfg.checkpoint.load, model, optimizer, scheduler, cfg)
         log0(f"resumed from {cfg.checkpoint.load} at step {start}" + (f" ({note})" if note else ""))
     data.start(data_state)
-    ckpt_root = cfg.checkpoint_dir
     if t.steps == 0 or start >= t.steps:
         path = checkpoint.save(ckpt_root, start, model, optimizer, scheduler, cfg, data.state())
         log0(f"nothing to train (steps={t.steps}, start={start}); checkpoint at {path}")
