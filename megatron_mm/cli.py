@@ -23,15 +23,6 @@ from megatron_mm.config import ConfigError
 LEAVE_TIMEOUT_S = 20.0  # how long a rank with an error waits for the others under torchrun
 
 
-def launch_rank(environ: Mapping[str, str] = os.environ) -> int:
-    """This process's global rank from the launcher's variables; 0 for a lone process."""
-    return int(environ.get("RANK", environ.get("SLURM_PROCID", 0)))
-
-
-def launch_world_size(environ: Mapping[str, str] = os.environ) -> int:
-    return int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
-
-
 def _error_lines(err: BaseException) -> Optional[list[str]]:
     """The user-facing lines of a config or checkpoint error, else None (a bug: re-raise)."""
     if isinstance(err, ConfigError):
@@ -62,7 +53,9 @@ def _torchrun_store(environ: Mapping[str, str] = os.environ):
 def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
     """Print `lines` once for all ranks (see the module's docstring); True when the ranks met
     through torchrun's store (and should now leave at once)."""
-    rank, world = launch_rank(environ), launch_world_size(environ)
+    from megatron_mm.runtime.distributed import rank_from_env, world_size_from_env
+
+    rank, world = rank_from_env(environ), world_size_from_env(environ)
     message = "\n".join(lines)
     store = _torchrun_store(environ) if world > 1 else None
     if store is None:
@@ -114,7 +107,9 @@ def report_errors(work: Callable[[], None]) -> int:
         lines = _error_lines(err)
         if lines is None:
             raise
-        previous = _exit_2_on_sigterm() if launch_world_size() > 1 else None
+        from megatron_mm.runtime.distributed import world_size_from_env
+
+        previous = _exit_2_on_sigterm() if world_size_from_env() > 1 else None
         if _report(lines):
             # The ranks leave together, now: interpreter teardown (a second or more with torch
             # and megatron-core loaded) would outlast torchrun's 0.1 s watch of its workers,

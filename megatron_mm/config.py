@@ -465,6 +465,12 @@ class Hardware:
     reserved_memory_gib: float = 0.0  # of gpu_memory_gib, kept for CUDA context, NCCL, allocator
 
 
+def shard_files(spec: str) -> list[str]:
+    """The sorted `.tar` files of a shard folder or glob (`data.shards`, `data.eval_shards`)."""
+    pattern = os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec
+    return sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(pattern)) if p.endswith(".tar"))
+
+
 def eval_split_name(spec: str) -> str:
     """The split name of a `data.eval_shards` entry: its folder's name (for a glob, the
     folder the pattern is in)."""
@@ -710,9 +716,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
          "is for data.source=shards (the demo source has its own held-out splits)")
     if d.source == "shards":
         for i, spec in enumerate(d.eval_shards):
-            pattern = os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec
-            found = [p for p in glob.glob(os.path.expanduser(pattern)) if p.endswith(".tar")]
-            rule(bool(found), f"data.eval_shards[{i}]", spec,
+            rule(bool(shard_files(spec)), f"data.eval_shards[{i}]", spec,
                  "has no .tar shards (a folder or glob; tools/prepare_multimodal.py --heldout makes one)")
         names = [eval_split_name(spec) for spec in d.eval_shards]
         rule(len(set(names)) == len(names), "data.eval_shards", d.eval_shards,

@@ -79,6 +79,11 @@ def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
     return int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", 1)))
 
 
+def rank_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank from the launcher's variables; 0 for a lone process."""
+    return int(environ.get("RANK", environ.get("SLURM_PROCID", 0)))
+
+
 def detect_hardware() -> Hardware:
     """What this machine offers; the only place that asks whether a GPU is here."""
     has_cuda = torch.cuda.is_available()

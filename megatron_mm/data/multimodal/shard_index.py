@@ -18,7 +18,6 @@ same name up to the first dot of the base name. The scan of a tar is cached in
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -26,6 +25,8 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
+
+from megatron_mm.config import shard_files
 
 INDEX_VERSION = 1  # bump when the cached scan's content changes
 IMAGE_EXTS = ("jpg", "png")
@@ -55,8 +56,7 @@ class SampleEntry:
 
 def resolve_shards(spec: str) -> list[str]:
     """The sorted `.tar` files of a folder or a glob; ValueError when there are none."""
-    pattern = os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec
-    paths = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(pattern)) if p.endswith(".tar"))
+    paths = shard_files(spec)
     if not paths:
         raise ValueError(f"data.shards={spec}: no .tar shards found")
     return paths
