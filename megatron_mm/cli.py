@@ -57,10 +57,12 @@ def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
 
     rank, world = rank_from_env(environ), world_size_from_env(environ)
     message = "\n".join(lines)
+    if rank == 0:
+        # first, before joining the count below: once every rank has joined, any may leave,
+        # and torchrun then stops the others (rank 0 too) with SIGTERM
+        print(message, file=sys.stderr, flush=True)
     store = _torchrun_store(environ) if world > 1 else None
     if store is None:
-        if rank == 0:
-            print(message, file=sys.stderr, flush=True)
         return False
     prefix = f"megatron_mm/error_exit/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
@@ -72,9 +74,7 @@ def _report(lines: list[str], environ: Mapping[str, str] = os.environ) -> bool:
         rank0 = store.get(f"{prefix}/rank0").decode() if store.check([f"{prefix}/rank0"]) else None
     except Exception:  # the store went away (torchrun stopping): print what this rank knows
         rank0 = None if rank else message
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    elif rank0 != message:
+    if rank != 0 and rank0 != message:
         print("\n".join(f"[rank {rank}] {line}" for line in lines), file=sys.stderr, flush=True)
     return True
 
