@@ -98,3 +98,23 @@ def test_peak_of_known_allocations():
     at_end = live_cpu_storages()
     assert kept.untyped_storage().data_ptr() in at_end
     assert cpu_tensor_peak_bytes(events, at_start, at_end) == sum(at_start.values()) + 9 * mib
+
+
+def test_live_storages_pass_over_fake_tensors_without_a_warning():
+    """A fake tensor left alive by torch.compile's tracing owns no memory and warns when its
+    data pointer is read; the quickstart printed that warning once in CI."""
+    import warnings
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megatron_mm.runtime.distributed import live_cpu_storages
+
+    with FakeTensorMode():
+        fake = torch.empty(1024)
+    real = torch.empty(2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alive = live_cpu_storages()
+    assert alive[real.untyped_storage().data_ptr()] == 2048 * 4
+    assert fake.device.type == "cpu"  # what made it look like a CPU tensor

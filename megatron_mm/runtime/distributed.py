@@ -290,11 +290,16 @@ def live_cpu_storages() -> dict[int, int]:
     GC-tracked; views share their base's storage)."""
     import gc
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
     out = {}
     for obj in gc.get_objects():
         # type(), not isinstance(): isinstance asks objects for __class__, and some answer with a
-        # warning (torch.distributed.reduce_op: "FutureWarning: ... is deprecated").
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+        # warning (torch.distributed.reduce_op: "FutureWarning: ... is deprecated"). Fake tensors
+        # (left by torch.compile's tracing) say "cpu" but own no memory, and reading their
+        # data_ptr warns: skipped.
+        kind = type(obj)
+        if issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
                 out[storage.data_ptr()] = storage.nbytes()
