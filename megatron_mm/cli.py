@@ -100,7 +100,7 @@ def report_errors(work: Callable[[], None]) -> int:
     """Run `work`; return 0, or 2 after printing a config or checkpoint error (once for all ranks)."""
     from megatron_mm.runtime import compat
 
-    compat.hide_notices()  # before megatron-core is imported
+    compat.before_megatron_import()
     try:
         work()
     except Exception as err:

@@ -126,8 +126,35 @@ def zero_grad_of_views():
     assert not caught, f"warned: {str(caught[0].message)[:80]}"
 
 
+def eager_fused_functions():
+    """The router's count of routed tokens (`@jit_fuser`) runs as written: dynamo traces nothing.
+    Without: torch.compile's first call traces it (and inductor compiles it, seconds on a CPU)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+    from torch._dynamo.utils import counters
+
+    class Router:
+        enable_expert_bias = True
+        local_tokens_per_expert = torch.zeros(4)
+
+    before = sum(counters["frames"].values())
+    TopKRouter._apply_expert_bias(Router(), torch.tensor([[True, False, True, False]]))
+    assert Router.local_tokens_per_expert.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert sum(counters["frames"].values()) == before, "torch.compile traced the function"
+
+
+def save_results_in_process():
+    """A save's writer hands its results back through a queue of this process (without: the
+    queue of a Manager process started with spawn, 2.4 s)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
+
+
 PROBES = [cpu_rng_tracker, cpu_checkpoint_rng, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
-          router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load, zero_grad_of_views]
+          router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load, zero_grad_of_views,
+          eager_fused_functions, save_results_in_process]
 
 
 # --------------------------------------------------------------------------- notices
@@ -242,6 +269,7 @@ elif __name__ == "__main__":
     if sys.argv[1] == "with":
         from megatron_mm.runtime import compat
 
+        compat.defer_jit_compile()  # as every entry point, before megatron-core is imported
         cpu = Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False)
         compat.apply(cpu)
         CONFIG_OVERRIDES.update(compat.transformer_config_overrides(cpu))

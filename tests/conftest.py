@@ -8,6 +8,10 @@ import sys
 
 import pytest
 
+from megatron_mm.runtime import compat
+
+compat.before_megatron_import()  # as the entry points: for the tests that import megatron-core here
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart_text.yaml")
 QUICKSTART_MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")

@@ -32,9 +32,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 
-hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
+before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
 from megatron_mm.config import ConfigError, load_config, validate  # noqa: E402
 from megatron_mm.costs.memory import GIB, MemoryEstimate, estimate_memory  # noqa: E402

@@ -22,9 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 
-hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
+before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
 V3_ROUTER = ["model.router_score_function=sigmoid", "model.router_expert_bias=true", "model.aux_loss_coeff=0"]
 

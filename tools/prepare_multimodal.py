@@ -22,9 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_mm.runtime.compat import hide_notices  # noqa: E402
+from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 
-hide_notices()  # megatron-core's notices on missing Apex / TE, before it is imported
+before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
 from megatron_mm.config import ConfigError, load_config  # noqa: E402
 from megatron_mm.data.multimodal.own_data import prepare_own_data, training_commands  # noqa: E402

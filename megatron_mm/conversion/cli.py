@@ -25,7 +25,7 @@ def run_conversion(convert: Callable[[], dict]) -> int:
     or config error is printed as `conversion error:` lines on stderr instead: exit 2."""
     from megatron_mm.runtime import compat
 
-    compat.hide_notices()  # before megatron-core is imported
+    compat.before_megatron_import()
     from megatron_mm.config import ConfigError
     from megatron_mm.conversion.dcp import ConversionError
     from megatron_mm.conversion.progress import peak_rss_gib

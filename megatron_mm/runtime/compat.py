@@ -7,16 +7,21 @@ if the workaround stops being needed or stops working. No other module asks whet
 on a CPU: they call `apply()` once and use `transformer_config_overrides()`.
 
 Also here: the notices megatron-core prints for an absence handled above (Apex, TE, ...),
-hidden in one place by `hide_notices()` (entry points call it before megatron-core is
-imported) and counted into the start-up banner by `runtime_summary()`.
+hidden in one place by `hide_notices()` and counted into the start-up banner by
+`runtime_summary()`; and `defer_jit_compile()`, which keeps megatron-core's import from loading
+torch's compiler. Entry points call both through `before_megatron_import()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import re
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -378,6 +383,99 @@ def _zero_grad_of_views() -> None:
     distrib_optimizer._zero_grad_group_helper = zero_grad_group_helper
 
 
+# --------------------------------------------------------------------------- fused functions
+# Call site: megatron/core/jit.py, enable_jit_fuser() at import: `jit_fuser = torch.compile`,
+# then megatron/core/fusions/*.py and transformer/moe/router.py decorate functions with it while
+# megatron.core imports. torch.compile(fn) only wraps fn (it compiles at the first call), but it
+# imports torch._dynamo and torch._inductor to do so: 1.8 s of every process's start (4.5 s ->
+# 2.7 s for megatron-core), also for processes that never call a fused function. So
+# `before_megatron_import()` (on any hardware: not a workaround) has megatron/core/jit.py see
+# `_compile_at_first_call` as torch.compile.
+#
+# Workaround (CPU): the first call then compiles, as before. On a CPU every MoE run calls
+# TopKRouter._apply_expert_bias (router.py, `@jit_fuser`, a one-line count of routed tokens)
+# and inductor compiles it for 3.7 s per process (measured: a 3-step tiny run, 14.6 s -> 10.9 s),
+# for nothing to gain: `_eager_fused_functions` has the fused functions run as written.
+
+_fused_eagerly = False
+
+
+def _compile_at_first_call(fn=None, **options):
+    """torch.compile(fn, **options), made when the returned function first runs (or fn itself
+    under `_eager_fused_functions`)."""
+    if fn is None:  # used as @torch.compile(...)
+        return lambda f: _compile_at_first_call(f, **options)
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = fn if _fused_eagerly else torch.compile(fn, **options)
+        return compiled(*args, **kwargs)
+
+    return run
+
+
+class _DeferMegatronJit(importlib.abc.MetaPathFinder):
+    """Runs megatron/core/jit.py with torch.compile standing in as `_compile_at_first_call`."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "megatron.core.jit":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            real, torch.compile = torch.compile, _compile_at_first_call
+            try:
+                run_module(module)
+            finally:
+                torch.compile = real
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+def defer_jit_compile() -> None:
+    """Install `_DeferMegatronJit` (idempotent; too late once megatron.core is imported)."""
+    if not any(isinstance(finder, _DeferMegatronJit) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _DeferMegatronJit())
+
+
+def jit_fuser_deferred() -> bool:
+    """Whether megatron-core's jit_fuser is `_compile_at_first_call` (imports megatron.core)."""
+    from megatron.core import jit
+
+    return jit.jit_fuser is _compile_at_first_call
+
+
+def _eager_fused_functions() -> None:
+    global _fused_eagerly
+    _fused_eagerly = True
+
+
+# --------------------------------------------------------------------------- save results
+# Call site: megatron/core/dist_checkpointing/strategies/filesystem_async.py,
+# _get_write_results_queue(): the writer hands its results back through a queue of a
+# multiprocessing Manager started with "spawn" at a process's first save: a new interpreter that
+# imports torch, 2.4 s of CPU on every rank of every run that saves (measured: a 3-step tiny run
+# spends 3.4 s in its one save, 2.5 s of it waiting for the Manager). Our saves are synchronous
+# (checkpoint.save: dist_checkpointing.save, no AsyncCallsQueue): the writer runs in this
+# process, so a queue of this process serves. Any hardware.
+
+
+def _save_results_in_process() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cpu_rng_tracker",
@@ -442,6 +540,20 @@ WORKAROUNDS: list[Workaround] = [
         "of non-leaf views (torch warns; any hardware)",
         lambda hw: True,
         _zero_grad_of_views,
+    ),
+    Workaround(
+        "eager_fused_functions",
+        "jit.py jit_fuser = torch.compile: transformer/moe/router.py TopKRouter._apply_expert_bias and the "
+        "fusions compile with inductor at their first call (3.7 s a process on CPU)",
+        lambda hw: not hw.has_cuda,
+        _eager_fused_functions,
+    ),
+    Workaround(
+        "save_results_in_process",
+        "dist_checkpointing/strategies/filesystem_async.py _get_write_results_queue: a spawned Manager "
+        "process at the first save (2.4 s a rank; our saves are synchronous; any hardware)",
+        lambda hw: True,
+        _save_results_in_process,
     ),
 ]
 
@@ -616,6 +728,13 @@ def hide_notices() -> None:
                 return True
 
             logging.getLogger(n.source).addFilter(drop)
+
+
+def before_megatron_import() -> None:
+    """What every entry point calls before megatron-core is imported: its notices hidden and
+    counted (`hide_notices`), its fused functions compiled at their first call, not at import."""
+    hide_notices()
+    defer_jit_compile()
 
 
 def hidden_notices() -> dict[str, int]:
