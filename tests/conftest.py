@@ -23,6 +23,7 @@ QUICKSTART_MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
 # modules that share session-scoped runs form one group.
 SHARED_GROUPS = {
     "test_training": "text_layout_runs", "test_hf_conversion": "text_layout_runs",  # TextLayoutRuns
+    "test_resume_matrix": "text_layout_runs",
     "test_readme": "fresh_home", "test_shipped_configs": "fresh_home",  # the demo set built once in HOME
 }
 
@@ -93,11 +94,13 @@ def data_cache(fresh_home) -> str:
 TEXT_STEPS = 10
 TEXT_COMMON = [
     "train.global_batch_size=8", "train.micro_batch_size=1", "train.scheduler.warmup_steps=2",
-    "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_interval=0",
+    "logging.interval=1", "logging.tensorboard=false",
+    "checkpoint.save_interval=4",  # iterations 4 and 8 too: the resume tests start from 4
 ]
 # The text quickstart's layouts (world size, overrides); "single" is one rank.
 TEXT_LAYOUTS = {
-    "single": (1, ["checkpoint.save_interval=4"]),  # iterations 4 and 8 too: the resume test starts from 4
+    "single": (1, []),
+    "dp2": (2, []),  # the distributed optimizer (the default) shards its state over DP2
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"]),

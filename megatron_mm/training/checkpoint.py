@@ -10,9 +10,11 @@ checkpoint untouched. Loading reads the pickled parts through checkpoint_pickles
 a checkpoint from a stranger runs no code.
 
 Model and optimizer state are saved as sharded tensors keyed by global parameter name
-(the optimizer in megatron-core's `fully_reshardable` form), so a checkpoint loads into any
-TP/PP/EP/VPP layout (and any split of the layers over the pipeline stages). RNG states are
-per rank and are restored only into the same layout, layers per stage included.
+(the optimizer in megatron-core's `fully_reshardable` form, in a dict no layout shapes:
+optimizer_state.py), so a checkpoint loads with its optimizer state into any TP/PP/EP/ETP/
+VPP/DP layout, with or without the distributed optimizer (and any split of the layers over
+the pipeline stages). RNG states are per rank and are restored only into the same layout,
+layers per stage included.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_mm.config import Config, to_dict
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint_files as files
+from megatron_mm.training import optimizer_state
 from megatron_mm.training.checkpoint_files import TRACKER, layout_of, tracked_iteration
 from megatron_mm.training.checkpoint_pickles import (PickleRefused, read_checkpoint_pickles,
                                                      weights_only_torch_loads)
 
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 FULL_DISK_BYTES = 1 << 20  # a save that failed with less free space than this failed for want of it
 
 
@@ -71,7 +73,8 @@ def resolve(path: str) -> tuple[str, int]:
     return folder, iteration
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) -> dict:
+def _sharded_state(chunks) -> dict:
+    """The model's sharded state dict and this rank's RNG state."""
     # GPTModel.sharded_state_dict reads metadata["dp_cp_group"] itself on an MTP stage
     # without the first stage's embedding (megatron-core 0.16.1, gpt_model.py), so the
     # metadata is passed filled in rather than left to the submodules' defaults.
@@ -80,15 +83,15 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) ->
         f"model{i}": unwrap_model(chunk).sharded_state_dict(metadata=metadata)
         for i, chunk in enumerate(chunks)
     }
-    if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING
-        )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state["rng_state"] = ShardedObject(
         "rng_state", runtime.rng_state(), (world,), (rank,), replica_id=0
     )
     return state
+
+
+def _model_part(state: dict) -> dict:
+    return {key: value for key, value in state.items() if key.startswith("model")}
 
 
 def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
@@ -111,7 +114,9 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, cfg: Config,
     _test_kill_at("before_tensors", iteration)
     # Iteration 0 (initial weights) has no optimizer state yet: the model alone is saved.
     with_optimizer = iteration > 0
-    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=with_optimizer)
+    state = _sharded_state(chunks)
+    if with_optimizer:
+        state["optimizer"] = optimizer_state.for_save(optimizer, _model_part(state))
     state.update(
         iteration=iteration,
         has_optimizer=with_optimizer,
@@ -265,15 +270,19 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     if not os.path.exists(os.path.join(folder, "common.pt")):
         raise CheckpointError(f"checkpoint.load={folder}: common.pt is missing (not a complete checkpoint)")
     try:  # before megatron-core reads any of it: a checkpoint from a stranger runs no code
-        _, common = read_checkpoint_pickles(folder)
+        metadata, common = read_checkpoint_pickles(folder)
     except PickleRefused as err:
         raise CheckpointError(f"checkpoint.load={folder}: {err}") from None
+    saved_keys = set(metadata.state_dict_metadata)
     same_layout = common.get("layout") == layout_of(cfg, torch.distributed.get_world_size())
     weights_only = optimizer is None
     with_optimizer = common.get("has_optimizer", True) and not weights_only
     # A converted checkpoint (tools/convert_from_hf.py) has no RNG states: re-seed as for a new layout.
     has_rng = common.get("has_rng_state", True)
-    state = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optimizer)
+    state = _sharded_state(chunks)
+    if with_optimizer:
+        optimizer_request = optimizer_state.Request(optimizer, _model_part(state))
+        state["optimizer"] = optimizer_request.entry(lambda key: key in saved_keys)
     if weights_only or not same_layout or not has_rng:
         state.pop("rng_state")
     try:
@@ -288,10 +297,11 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
             f"checkpoint.load={folder}: the checkpoint lacks {len(absent)} key(s) this model needs, "
             f"e.g. {sorted(absent)[:3]}"
         )
-    # Skipped on purpose: RNG of another layout; everything but weights when loading weights only.
-    # (optimizer keys are "optimizer.*", or "chained_N.optimizer.*" when MoE gives two optimizers)
+    # Skipped on purpose: RNG of another layout; everything but weights when loading weights only;
+    # the distributed optimizer's copies of the weights when loading without it.
     not_requested = {key for key in not_requested
-                     if key != "rng_state" and not (weights_only and key.startswith(("optimizer", "chained_")))}
+                     if key != "rng_state" and not (weights_only and key.startswith("optimizer"))
+                     and not key.startswith(optimizer_state.MAIN_PARAM_PREFIXES)}
     if not_requested:
         raise CheckpointError(
             f"checkpoint.load={folder}: the checkpoint has {len(not_requested)} key(s) this model does "
@@ -300,7 +310,7 @@ def load(path: str, chunks, optimizer, scheduler, cfg: Config) -> tuple[int, Opt
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
     if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_request.load_into(loaded["optimizer"], chunks)
         scheduler.load_state_dict(loaded["scheduler"])
     note = None
     if weights_only:
