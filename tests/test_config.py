@@ -269,6 +269,8 @@ BAD = [
         ["model.router_num_groups=2", "model.router_group_topk=3"]),
     bad("expert bias with softmax", "model.router_expert_bias=True: aux-loss-free expert bias needs "
         "model.router_score_function=sigmoid", ["model.router_score_function=softmax"]),
+    bad("pre-softmax with sigmoid", "model.router_pre_softmax=True: needs model.router_score_function=softmax",
+        ["model.router_pre_softmax=true"]),
     bad("zero ffn", "model.moe_ffn_hidden_size=0: must be at least 1", ["model.moe_ffn_hidden_size=0"]),
     # precision and hardware
     bad("bad dtype", "precision.dtype=fp16: must be fp32 or bf16", ["precision.dtype=fp16"]),
