@@ -97,6 +97,10 @@ class ModelConfig:
     num_shared_experts: int = 1
     first_k_dense_layers: int = 1
     router_score_function: str = "sigmoid"  # sigmoid (DeepSeek-V3) or softmax
+    # softmax only: true takes the softmax over all experts, then the top k, whose
+    # probabilities stay as they are (DeepSeek-V2); false takes the top k logits, then their
+    # softmax (the chosen experts' weights sum to 1)
+    router_pre_softmax: bool = False
     router_expert_bias: bool = True  # aux-loss-free balancing through a per-expert bias
     router_bias_update_rate: float = 1e-3
     router_topk_scaling_factor: Optional[float] = None
@@ -550,6 +554,8 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(not (m.router_expert_bias and m.router_score_function != "sigmoid"),
              "model.router_expert_bias", m.router_expert_bias,
              "aux-loss-free expert bias needs model.router_score_function=sigmoid")
+        rule(not (m.router_pre_softmax and m.router_score_function != "softmax"),
+             "model.router_pre_softmax", m.router_pre_softmax, "needs model.router_score_function=softmax")
         if m.router_num_groups:
             rule(m.num_experts % m.router_num_groups == 0, "model.router_num_groups",
                  m.router_num_groups, f"must divide model.num_experts={m.num_experts}")

@@ -31,7 +31,7 @@ SHARED_GROUPS = {
 # The longest groups first (measured), so that the short ones fill in around them instead of a
 # long one starting last.
 LONGEST_FIRST = ["text_layout_runs", "fresh_home", "test_multimodal_training", "test_slurm",
-                 "test_checkpoint_safety", "test_mtp_recompute", "test_ablate"]
+                 "test_checkpoint_safety", "test_mtp_recompute", "test_ablate", "test_hf_import_families"]
 
 
 def _group(item) -> str:

@@ -68,7 +68,7 @@ EXPECTED = {
         q_lora_rank=None, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
         num_experts=64, moe_ffn_hidden_size=1408, moe_router_topk=6, num_shared_experts=2,
         first_k_dense_layers=1, router_score_function="softmax", router_expert_bias=False,
-        vocab_size=102400, seq_length=4096, rope_type="yarn", rotary_base=10000.0,
+        router_pre_softmax=True, vocab_size=102400, seq_length=4096, rope_type="yarn", rotary_base=10000.0,
         rotary_scaling_factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
         beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707, mtp_num_layers=0,
     ),
@@ -269,6 +269,8 @@ BAD = [
         ["model.router_num_groups=2", "model.router_group_topk=3"]),
     bad("expert bias with softmax", "model.router_expert_bias=True: aux-loss-free expert bias needs "
         "model.router_score_function=sigmoid", ["model.router_score_function=softmax"]),
+    bad("pre-softmax with sigmoid", "model.router_pre_softmax=True: needs model.router_score_function=softmax",
+        ["model.router_pre_softmax=true"]),
     bad("zero ffn", "model.moe_ffn_hidden_size=0: must be at least 1", ["model.moe_ffn_hidden_size=0"]),
     # precision and hardware
     bad("bad dtype", "precision.dtype=fp16: must be fp32 or bf16", ["precision.dtype=fp16"]),

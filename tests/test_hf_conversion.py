@@ -326,9 +326,10 @@ def test_config_mismatches_are_named(converted, tmp_path, capsys):
                                  converted[("tiny_alt", "tp1")]["hf"], "--out", str(tmp_path / "c"), "--ep", "3",
                                  "--no-progress"], capsys))
     assert "model.num_experts=8: must be divisible by parallel.ep=3" in line
-    # what DeepseekV3 cannot express
+    # what the family cannot express: a softmax router is DeepSeek-V2's, which weights the chosen
+    # experts by their softmax over all experts (tests/test_hf_import_families.py has the rest)
     cfg = load_config(CONFIGS["tiny"], ["model.router_score_function=softmax", "model.router_expert_bias=false"])
-    with pytest.raises(ConversionError, match="router_score_function=softmax: DeepseekV3ForCausalLM routes with sigmoid"):
+    with pytest.raises(ConversionError, match="router_pre_softmax=false: megatron takes the softmax of the chosen"):
         mapping.hf_config(cfg.model, torch.float32)
 
 

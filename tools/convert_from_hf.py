@@ -1,16 +1,20 @@
-"""Hugging Face DeepseekV3 folder -> megatron-core dist checkpoint that launch/pretrain.py
-resumes from (`--set checkpoint.load=OUT`) under any layout.
+"""Hugging Face DeepseekV3 or DeepseekV2 (V2-Lite) folder -> megatron-core dist checkpoint that
+launch/pretrain.py resumes from (`--set checkpoint.load=OUT`) under any layout.
 
-    python tools/convert_from_hf.py --hf hf_out --out ckpt_from_hf [--tp 2 --pp 2 --ep 2]
+    python tools/convert_from_hf.py --hf hf_out --out ckpt_from_hf [--tp 2 --pp 2 --ep 2] [--mtp-layers 1]
     python launch/pretrain.py --config configs/quickstart_text.yaml --set checkpoint.load=ckpt_from_hf
 
 The model shape comes from config.json (a folder written by convert_to_hf also brings our
-training settings and encoders). --tp/--pp/--ep/--etp/--vpp choose the layout whose ranks'
+training settings and encoders); the MTP depth from the weights: a folder without MTP tensors
+(transformers' save_pretrained, fine-tunes) imports without MTP and says so in one line;
+--mtp-layers N then adds N freshly initialised MTP modules for training (drawn with --seed S,
+default the stored config's train.seed), and --mtp-layers 0 leaves a folder's MTP layers out.
+--tp/--pp/--ep/--etp/--vpp choose the layout whose ranks'
 chunks the checkpoint is written as (default one rank); megatron reshards on load, so any
 layout resumes from it. --config FILE [--set k=v] gives the rest of the stored config and
 must agree with config.json on the model. Streams: memory holds about one tensor.
-Last stdout line: one JSON object (out, iteration, tensors, files, layout, seconds, peak_rss_gib,
-rss_after_imports_gib).
+Last stdout line: one JSON object (out, iteration, tensors, files, layout, family, mtp_layers,
+mtp_initialised, seconds, peak_rss_gib, rss_after_imports_gib).
 """
 
 import argparse
@@ -32,6 +36,11 @@ def main(argv=None) -> int:
     parser.add_argument("--iteration", type=int, default=0, help="iteration number to write (training resumes after it)")
     parser.add_argument("--config", default=None, help="YAML config for the non-model sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--mtp-layers", type=int, default=None, metavar="N",
+                        help="MTP modules: N fresh ones for a folder without MTP weights, 0 to leave a folder's out "
+                             "(default: what the weights hold)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of fresh MTP modules (default: train.seed of the stored config)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -44,7 +53,8 @@ def main(argv=None) -> int:
         parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
                                   sequence_parallel=args.tp > 1)
         return convert_from_hf(args.hf, args.out, parallel, base, dtype=torch_dtype(args.dtype),
-                               iteration=args.iteration, progress=not args.no_progress)
+                               iteration=args.iteration, progress=not args.no_progress, mtp_layers=args.mtp_layers,
+                               seed=args.seed)
 
     return run_conversion(convert)
 

@@ -6,7 +6,8 @@
 
 --checkpoint is a checkpoints folder (its latest iteration) or one iter_* folder. The model
 shape comes from the config stored in the checkpoint (or --config FILE [--set k=v], which
-must agree with it). Writes DeepseekV3ForCausalLM safetensors shards + index, config.json,
+must agree with it). Writes DeepseekV3ForCausalLM (DeepseekV2ForCausalLM for a softmax router)
+safetensors shards + index, config.json,
 the tokenizer (the run's sentencepiece model, or --tokenizer PATH / none), megatron_mm.json,
 and for a multimodal model encoders.safetensors. Streams: memory holds about one tensor.
 Last stdout line: one JSON object (out, tensors, bytes, shards, iteration, layout, seconds,

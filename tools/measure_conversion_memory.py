@@ -6,9 +6,9 @@ process, and reports each process's peak resident set size.
     python tools/measure_conversion_memory.py --config configs/models/deepseek_v2_lite_16b.yaml \
         --layers 2 4 8 --work /tmp/convmem [--set model.router_score_function=sigmoid ...]
 
-DeepSeek-V2-Lite routes with softmax scores, which DeepseekV3 cannot express, so the tool
-converts its shape with DeepSeek-V3's sigmoid router and expert bias (every tensor keeps its
-V2-Lite size). Folders are deleted after use (--keep to keep them). Last stdout line: one JSON
+The tool converts every shape as a DeepseekV3 folder, with DeepSeek-V3's sigmoid router and
+expert bias (the README's numbers were measured so; V2-Lite's own softmax router converts too,
+as DeepseekV2, with the same tensors but the expert biases). Folders are deleted after use (--keep to keep them). Last stdout line: one JSON
 object with a row per layer count and the peak-RSS growth per layer (least squares).
 """
 
@@ -26,7 +26,8 @@ from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 
 before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
-V3_ROUTER = ["model.router_score_function=sigmoid", "model.router_expert_bias=true", "model.aux_loss_coeff=0"]
+V3_ROUTER = ["model.router_score_function=sigmoid", "model.router_pre_softmax=false", "model.router_expert_bias=true",
+             "model.aux_loss_coeff=0"]
 
 
 def write_random_hf(m, folder: str, dtype, seed: int = 0, max_shard_bytes: int = 5 * 2**30) -> int:

@@ -1,9 +1,11 @@
-"""Hugging Face DeepseekV3 folder → megatron-core dist checkpoint that `launch/pretrain.py`
-resumes from under any layout (`checkpoint.load=OUT`).
+"""Hugging Face DeepseekV3 / DeepseekV2 folder → megatron-core dist checkpoint that
+`launch/pretrain.py` resumes from under any layout (`checkpoint.load=OUT`).
 
 The model shape comes from `config.json` (training settings HF has no place for from its
 `megatron_mm` entry, when the folder was written by convert_to_hf; the encoders from
-`megatron_mm.json` + `encoders.safetensors`). The checkpoint is written directly in megatron's
+`megatron_mm.json` + `encoders.safetensors`), except the MTP depth, which is what the weights
+hold (`resolve_mtp`): transformers writes no MTP tensors though its config says 1, and MTP
+modules for training can be added freshly initialised. The checkpoint is written directly in megatron's
 torch_dist format (no model is built): every tensor under its megatron key with its global
 shape, split into the chunks the ranks of the requested layout (`--tp/--pp/--ep/--vpp`) would
 have saved, one `.distcp` file per rank, plus the `_extra_state` objects megatron-core keeps
@@ -17,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import zlib
 from typing import Optional
 
 import torch
@@ -108,6 +112,65 @@ def _check_layout(cfg: Config) -> int:
     return world
 
 
+@dataclasses.dataclass(frozen=True)
+class MtpPlan:
+    """How many MTP modules the checkpoint gets and where they come from."""
+
+    in_folder: int  # MTP layers the folder's weights hold
+    layers: int  # MTP layers written: the folder's, or fresh ones when it has none
+    fresh: bool  # initialised here (seeded), not read
+    note: Optional[str]  # one line for the user, or None
+
+
+def resolve_mtp(m, reader: HFFolderReader, requested: Optional[int]) -> MtpPlan:
+    """The MTP depth is what the weights hold, whatever `num_nextn_predict_layers` says.
+    `requested` (--mtp-layers): N fresh modules for a folder without MTP weights, its own
+    depth to import them, or 0 to leave them out."""
+    family = mapping.family_of(m)
+    found = mapping.mtp_layers_in(reader.keys(), m.num_layers) if family.mtp else 0  # V2: stray layers are unknown keys
+    declared = m.mtp_num_layers
+    where = f"model.layers.{m.num_layers}.*"
+    if requested is not None and requested < 0:
+        raise ConversionError(f"--mtp-layers {requested}: must be >= 0")
+    if requested is None:
+        note = None
+        if found == 0 and declared:
+            note = (f"config.json declares num_nextn_predict_layers={declared} but the folder holds no MTP weights "
+                    f"({where}): importing without MTP (--mtp-layers N adds N freshly initialised MTP modules)")
+        elif found != declared:
+            note = (f"config.json declares num_nextn_predict_layers={declared} but the weights hold {found} MTP "
+                    f"layer(s): importing {found}")
+        return MtpPlan(found, found, False, note)
+    if found == 0:
+        if requested and not family.mtp:
+            raise ConversionError(f"--mtp-layers {requested}: {family.architecture} has no MTP layers (the "
+                                  "checkpoint could not be converted back)")
+        note = f"added {requested} freshly initialised MTP module(s)" if requested else None
+        return MtpPlan(0, requested, requested > 0, note)
+    if requested == 0:
+        return MtpPlan(found, 0, False, f"left out the folder's {found} MTP layer(s) ({where})")
+    if requested != found:
+        raise ConversionError(f"--mtp-layers {requested}: the folder holds {found} MTP layer(s) ({where}); "
+                              f"give --mtp-layers {found} to import them or 0 to leave them out")
+    return MtpPlan(found, found, False, None)
+
+
+def fresh_hf_tensor(m, name: str, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """An initial value for an HF-named tensor of a module the folder lacks, as megatron-core
+    initialises one: norms 1, expert bias 0, output projections (o_proj, down_proj)
+    N(0, std / sqrt(2 num_layers)), other weights N(0, std), std = model.init_method_std.
+    Drawn from a generator seeded by `seed` and the name alone: the same under any layout."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape, dtype=torch.float32)
+    std = m.init_method_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2.0 * m.num_layers)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
+
+
 def check_hf_tensors(reader: HFFolderReader, m) -> None:
     expected = mapping.hf_shapes(m)
     optional = {layer.hf + k for layer in mapping.layers(m) if layer.mtp is not None
@@ -115,7 +178,8 @@ def check_hf_tensors(reader: HFFolderReader, m) -> None:
     unknown = sorted(k for k in reader.keys() if k not in expected)
     if unknown:
         raise ConversionError(f"{reader.folder}: unknown key {unknown[0]} in {reader.file_of(unknown[0])} (and "
-                              f"{len(unknown) - 1} more): not part of the DeepseekV3 model config.json describes")
+                              f"{len(unknown) - 1} more): not part of the {mapping.family_of(m).architecture} model "
+                              "config.json describes")
     missing = sorted(k for k in expected if k not in reader.where and k not in optional)
     if missing:
         raise ConversionError(f"{reader.folder}: tensor {missing[0]} is missing (and {len(missing) - 1} more) "
@@ -127,10 +191,17 @@ def check_hf_tensors(reader: HFFolderReader, m) -> None:
 
 
 def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None, base: Optional[Config] = None,
-                    dtype: Optional[torch.dtype] = None, iteration: int = 0, progress: bool = True) -> dict:
+                    dtype: Optional[torch.dtype] = None, iteration: int = 0, progress: bool = True,
+                    mtp_layers: Optional[int] = None, seed: Optional[int] = None) -> dict:
     """Write `out/iter_{iteration}` + the tracker; `base` supplies the non-model sections of the
-    stored config (and, if given, must agree with config.json on the model shape)."""
+    stored config (and, if given, must agree with config.json on the model shape).
+    `mtp_layers`: see `resolve_mtp`; fresh modules are drawn with `seed` (default: the stored
+    config's train.seed)."""
     m, ours = model_config(hf)
+    reader = HFFolderReader(hf)
+    mtp = resolve_mtp(m, reader, mtp_layers)
+    check_hf_tensors(reader, dataclasses.replace(m, mtp_num_layers=mtp.in_folder))
+    m = dataclasses.replace(m, mtp_num_layers=mtp.layers)
     if base is not None:
         mapping.compare_model_configs(base.model, m, "the given --config", f"{hf}/config.json")
         m = dataclasses.replace(base.model, vision=m.vision, audio=m.audio) if (m.vision or m.audio) else base.model
@@ -139,8 +210,9 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         if cfg.data.source not in ("demo", "shards"):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="demo"))
     world = _check_layout(cfg)
-    reader = HFFolderReader(hf)
-    check_hf_tensors(reader, m)
+    fresh_seed = cfg.train.seed if seed is None else seed
+    if mtp.note:
+        print(f"from HF: {mtp.note}{f' (seed {fresh_seed})' if mtp.fresh else ''}", file=sys.stderr, flush=True)
     encoders = None
     if ours.get("encoders_file"):
         path = os.path.join(hf, ours["encoders_file"])
@@ -157,7 +229,9 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     writer = DistCheckpointWriter(unfinished)
     dtype_of = lambda t: t.dtype if dtype is None or not t.is_floating_point() else dtype  # noqa: E731
     shapes = mapping.megatron_shapes(m)
-    total = sum(nbytes(reader.shape(k), torch.float32) for k in reader.keys())
+    kept_layers = m.num_layers + m.mtp_num_layers  # the MTP layers left out (--mtp-layers 0) are not read
+    read_keys = [k for k in reader.keys() if not k.startswith("model.layers.") or int(k.split(".")[2]) < kept_layers]
+    total = sum(nbytes(reader.shape(k), torch.float32) for k in read_keys)
     bar = Progress(total, "from HF", enabled=progress)
     counted: set = set()
 
@@ -167,6 +241,13 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
             counted.add(name)
             bar.update(nbytes(tensor.shape, torch.float32))
         return tensor
+
+    embedding = "model.embed_tokens.weight"
+    weights_dtype = reader.readers[reader.file_of(embedding)].dtype(embedding)
+    fresh_shapes = mapping.hf_shapes(m) if mtp.fresh else {}
+
+    def fresh(name: str) -> torch.Tensor:
+        return fresh_hf_tensor(m, name, fresh_shapes[name], weights_dtype, fresh_seed)
 
     def put(key: str, expert: Optional[int], tensor: torch.Tensor, shape=None) -> None:
         shape = tuple(shape or shapes[key])
@@ -183,7 +264,8 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
 
     put("embedding.word_embeddings.weight", None, get("model.embed_tokens.weight"))
     for layer in mapping.layers(m):
-        for key, expert, tensor in mapping.layer_from_hf(m, layer, get):
+        source = fresh if mtp.fresh and layer.mtp is not None else get
+        for key, expert, tensor in mapping.layer_from_hf(m, layer, source):
             put(key, expert, tensor)
         for extra in ("embed_tokens.weight", "shared_head.head.weight"):  # the MTP module's copies
             if layer.mtp is not None and layer.hf + extra in reader.where:
@@ -206,4 +288,5 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     writer.finish(common)
     final = publish(out, unfinished, iteration)
     return {"out": final, "iteration": iteration, "tensors": len(writer.state_dict_metadata),
-            "files": len(writer.files), "layout": common["layout"]}
+            "files": len(writer.files), "layout": common["layout"], "family": mapping.family_of(m).architecture,
+            "mtp_layers": m.mtp_num_layers, "mtp_initialised": mtp.fresh}

@@ -3,7 +3,7 @@
     from megatron_mm.conversion.hf_model import load_pretrained
     model = load_pretrained("hf_out")            # one call; CPU, fp32 unless dtype= is given
     out = model(input_ids, images=images, mels=mels)      # .logits [b, s, vocab]
-    model.language_model                          # transformers DeepseekV3ForCausalLM
+    model.language_model                          # transformers DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM)
     model.tokenizer                               # transformers tokenizer (AutoTokenizer)
     model.mtp                                     # transformers MtpModel (MTP weights), or None
 
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mm.config import AudioConfig, VisionConfig, _build
-from megatron_mm.conversion.safetensors_io import ShardReader
+from megatron_mm.conversion.mapping import family_of_hf, mtp_layers_in
+from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader
 from megatron_mm.conversion.to_hf import OURS_FILE
 
 
@@ -251,30 +252,38 @@ class MultimodalCausalLM(nn.Module):
         return logits
 
 
-def _language_model_class(num_layers: int, mtp_layers: int):
-    """DeepseekV3ForCausalLM told that `model.layers.{L..L+k}` are MTP weights (to skip when
-    loading the main model, and for transformers' MtpModel to find)."""
-    from transformers import DeepseekV3ForCausalLM
+def _language_model_class(config: dict, mtp_layers: int):
+    """The transformers class of the folder's family; for DeepseekV3 with MTP weights, told that
+    `model.layers.{L..L+k}` are MTP weights (to skip when loading the main model, and for
+    transformers' MtpModel to find)."""
+    import transformers
 
-    patterns = [rf"model\.layers\.{num_layers + k}\..*" for k in range(mtp_layers)]
+    cls = getattr(transformers, family_of_hf(config).architecture)
+    patterns = [rf"model\.layers\.{config['num_hidden_layers'] + k}\..*" for k in range(mtp_layers)]
     if not patterns:
-        return DeepseekV3ForCausalLM
-    return type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,), {
-        "_keys_to_ignore_on_load_unexpected": list(DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected or [])
-        + patterns, "__module__": DeepseekV3ForCausalLM.__module__})
+        return cls
+    return type(cls.__name__, (cls,), {
+        "_keys_to_ignore_on_load_unexpected": list(cls._keys_to_ignore_on_load_unexpected or []) + patterns,
+        "__module__": cls.__module__})
 
 
 def load_pretrained(folder: str, dtype: torch.dtype = torch.float32, load_mtp: bool = True,
-                    attn_implementation: Optional[str] = None) -> MultimodalCausalLM:
-    """Everything in a folder written by tools/convert_to_hf.py, ready for `model(input_ids, ...)`."""
+                    attn_implementation: Optional[str] = None,
+                    experts_implementation: Optional[str] = None) -> MultimodalCausalLM:
+    """Everything in a folder written by tools/convert_to_hf.py, ready for `model(input_ids, ...)`.
+    `attn_implementation` / `experts_implementation` choose transformers' kernels ("eager": the
+    plain loops; its default grouped_mm experts need rows of a multiple of 16 bytes on CPU)."""
     from transformers import AutoTokenizer
 
     config = json.load(open(os.path.join(folder, "config.json")))
-    layers, mtp_layers = config["num_hidden_layers"], config.get("num_nextn_predict_layers", 0) or 0
+    # MTP layers: those the weights hold (transformers' DeepseekV3Config says 1 and writes none)
+    mtp_layers = mtp_layers_in(HFFolderReader(folder).keys(), config["num_hidden_layers"])
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    lm = _language_model_class(layers, mtp_layers).from_pretrained(folder, **kwargs).eval()
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    lm = _language_model_class(config, mtp_layers).from_pretrained(folder, **kwargs).eval()
     mtp = None
     if load_mtp and mtp_layers:
         from transformers.modeling_layers import MtpModel

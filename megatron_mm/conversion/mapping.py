@@ -1,5 +1,5 @@
-"""Our model config ↔ Hugging Face `DeepseekV3Config`, and megatron-core parameter names ↔
-the DeepSeek-V3 Hugging Face checkpoint names, one decoder layer at a time.
+"""Our model config ↔ Hugging Face `DeepseekV3Config` / `DeepseekV2Config`, and megatron-core
+parameter names ↔ the DeepSeek-V3 / V2 Hugging Face checkpoint names, one decoder layer at a time.
 
 What maps to what (megatron-core GPTModel built by `models/gpt.py`, our specs):
 
@@ -16,7 +16,7 @@ What maps to what (megatron-core GPTModel built by `models/gpt.py`, our specs):
       pre_mlp_layernorm                                post_attention_layernorm
       mlp.linear_fc1 = [gate; up] (dense layer)        mlp.gate_proj, mlp.up_proj
       mlp.linear_fc2                                   mlp.down_proj
-      mlp.router.weight / .expert_bias                 mlp.gate.weight / .e_score_correction_bias
+      mlp.router.weight / .expert_bias                 mlp.gate.weight / .e_score_correction_bias (V3 only)
       mlp.experts.experts.linear_fc1[e] = [gate; up]   mlp.experts.{e}.gate_proj, .up_proj
       mlp.experts.experts.linear_fc2[e]                mlp.experts.{e}.down_proj
       mlp.shared_experts.linear_fc1 / fc2              mlp.shared_experts.gate_proj, up_proj / down_proj
@@ -31,24 +31,76 @@ What maps to what (megatron-core GPTModel built by `models/gpt.py`, our specs):
 Rotary dimensions need no permutation: megatron-core's MLA rotary (`multi_latent_attention=True`
 in `rope_utils`) takes the rope part of q and k as interleaved pairs, de-interleaves them and
 rotates halves, which is what `rope_interleave=True` does in transformers' DeepseekV3; both
-then attend over the same [nope | rotated rope] layout.
+then attend over the same [nope | rotated rope] layout. DeepseekV2 rotates the interleaved pairs
+as complex numbers and leaves them interleaved: the same rotation with q and k permuted alike,
+so every q·k, and the attention, is the same.
+
+The two families (transformers 5.24's modeling_deepseek_v2.py / modeling_deepseek_v3.py):
+
+    DeepSeek-V3 (DeepseekV3ForCausalLM)              DeepSeek-V2, V2-Lite (DeepseekV2ForCausalLM)
+    sigmoid scores + e_score_correction_bias         softmax over all experts, no bias
+      (bias for choosing only)                         (megatron: softmax, router_pre_softmax=true)
+    groups ranked by the sum of their top-2 scores   topk_method greedy, or group_limited_greedy:
+      (megatron: top moe_router_topk/group_topk)       groups ranked by their best score
+    chosen scores renormalised when norm_topk_prob   never renormalised: transformers ignores
+      (megatron: always, for top-k > 1)                norm_topk_prob (DeepSeek's own code would
+                                                       renormalise instead of scaling), so true is refused
+    x routed_scaling_factor                          x routed_scaling_factor
+    MTP layers at model.layers.{L+k}                 no MTP
+YaRN is the same in both: cos/sin scaled by the `attention_factor` (megatron's
+mscale/mscale_all_dim ratio), the softmax scale by yarn_mscale(factor, mscale_all_dim)^2.
+
+The MTP depth of a folder is what its weights hold (`mtp_layers_in`), not `num_nextn_predict_layers`:
+transformers' `DeepseekV3Config` defaults that to 1 and writes no MTP tensors (so do fine-tunes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 from megatron_mm.config import ConfigError, ModelConfig, _build
 from megatron_mm.conversion.dcp import ConversionError
 
-HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 # Fields of our ModelConfig that the HF config has no place for; kept in config.json under
 # this key so that HF -> megatron gives back the same training settings.
 OURS_KEY = "megatron_mm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A Hugging Face model family the converters read and write."""
+
+    model_type: str
+    architecture: str
+    router_bias: bool  # mlp.gate.e_score_correction_bias in every MoE layer
+    mtp: bool  # can hold MTP layers
+
+
+DEEPSEEK_V3 = Family("deepseek_v3", "DeepseekV3ForCausalLM", router_bias=True, mtp=True)
+DEEPSEEK_V2 = Family("deepseek_v2", "DeepseekV2ForCausalLM", router_bias=False, mtp=False)
+FAMILIES = (DEEPSEEK_V3, DEEPSEEK_V2)
+
+
+def family_of(m: ModelConfig) -> Family:
+    """The family a model converts to: softmax routing is DeepSeek-V2's; sigmoid routing and
+    dense models are written as DeepSeek-V3."""
+    return DEEPSEEK_V2 if m.is_moe and m.router_score_function == "softmax" else DEEPSEEK_V3
+
+
+def family_of_hf(config: dict) -> Family:
+    arch = (config.get("architectures") or [None])[0]
+    for family in FAMILIES:
+        if config.get("model_type") == family.model_type:
+            return family
+    for family in FAMILIES:
+        if arch == family.architecture:
+            return family
+    raise ConversionError(f"config.json: model_type={config.get('model_type')!r}, architectures={arch!r}: only "
+                          f"{' and '.join(f.architecture for f in FAMILIES)} checkpoints are converted")
 
 
 # --------------------------------------------------------------------------- configs
@@ -58,26 +110,49 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: Optional[int] = None,
-              eos_id: Optional[int] = None) -> dict:
-    """The `config.json` of the converted language model. Raises ConversionError naming the
-    setting when the model has something DeepseekV3 cannot express."""
+def _groups_matter(num_groups: Optional[int], group_topk: Optional[int]) -> bool:
+    """Group-limited routing changes the choice only when fewer than all groups are kept."""
+    return bool(num_groups and num_groups > 1 and group_topk and group_topk < num_groups)
+
+
+def _inexpressible(m: ModelConfig, family: Family) -> list[str]:
+    """What `family` cannot express of model `m`, one line each."""
     problems = []
     moe = m.is_moe
-    if moe and m.router_score_function != "sigmoid":
-        problems.append(f"model.router_score_function={m.router_score_function}: DeepseekV3ForCausalLM "
-                        "routes with sigmoid scores (DeepSeek-V2's softmax router has no DeepseekV3 equivalent)")
-    if moe and m.router_num_groups and m.moe_router_topk // (m.router_group_topk or 1) != 2:
-        problems.append(f"model.router_group_topk={m.router_group_topk}: DeepseekV3 scores a group by its top-2 "
-                        f"experts, megatron by its top moe_router_topk/router_group_topk="
-                        f"{m.moe_router_topk // (m.router_group_topk or 1)}")
-    if m.mtp_num_layers and not moe:
-        problems.append(f"model.mtp_num_layers={m.mtp_num_layers}: DeepseekV3's MTP layers are MoE layers; "
-                        "this model is dense")
+    group_size = m.moe_router_topk // (m.router_group_topk or 1)
+    if family is DEEPSEEK_V3:
+        if moe and m.router_num_groups and group_size != 2:
+            problems.append(f"model.router_group_topk={m.router_group_topk}: DeepseekV3 scores a group by its top-2 "
+                            f"experts, megatron by its top moe_router_topk/router_group_topk={group_size}")
+        if m.mtp_num_layers and not moe:
+            problems.append(f"model.mtp_num_layers={m.mtp_num_layers}: DeepseekV3's MTP layers are MoE layers; "
+                            "this model is dense")
+    else:
+        if not m.router_pre_softmax:
+            problems.append("model.router_pre_softmax=false: megatron takes the softmax of the chosen experts' "
+                            "logits; DeepseekV2ForCausalLM weights each chosen expert by its softmax over all "
+                            "experts (model.router_pre_softmax=true)")
+        if _groups_matter(m.router_num_groups, m.router_group_topk) and group_size != 1:
+            problems.append(f"model.router_group_topk={m.router_group_topk}: DeepseekV2's group_limited_greedy ranks "
+                            f"a group by its best expert, megatron by the sum of its top "
+                            f"moe_router_topk/router_group_topk={group_size}")
+        if m.mtp_num_layers:
+            problems.append(f"model.mtp_num_layers={m.mtp_num_layers}: DeepseekV2ForCausalLM has no MTP layers")
     if m.rope_type == "yarn" and m.rotary_scaling_factor <= 1:
         problems.append(f"model.rotary_scaling_factor={m.rotary_scaling_factor}: YaRN in transformers needs a factor > 1")
+    return problems
+
+
+def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: Optional[int] = None,
+              eos_id: Optional[int] = None) -> dict:
+    """The `config.json` of the converted language model (DeepseekV3, or DeepseekV2 for a
+    softmax router). Raises ConversionError naming the setting when the family cannot express
+    something of the model."""
+    family = family_of(m)
+    problems = _inexpressible(m, family)
     if problems:
         raise ConversionError("; ".join(problems))
+    moe = m.is_moe
     num_experts = m.num_experts if moe else 1
     if m.rope_type == "yarn":
         rope = {
@@ -94,9 +169,29 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: Optional[int] = None,
         rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
         max_positions = m.seq_length
     ours = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("vision", "audio")}
+    grouped = moe and _groups_matter(m.router_num_groups, m.router_group_topk)
+    if family is DEEPSEEK_V3:
+        router = {
+            "n_group": (m.router_num_groups or 1) if moe else 1,
+            "topk_group": (m.router_group_topk or 1) if moe else 1,
+            # megatron normalises the chosen sigmoid scores whenever more than one expert is chosen
+            "norm_topk_prob": bool(moe and m.moe_router_topk > 1),
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+        }
+        family_fields = {"rope_interleave": True, "num_nextn_predict_layers": m.mtp_num_layers}
+    else:
+        router = {
+            "n_group": m.router_num_groups if grouped else 1,
+            "topk_group": m.router_group_topk if grouped else 1,
+            "norm_topk_prob": False,
+            "scoring_func": "softmax",
+            "topk_method": "group_limited_greedy" if grouped else "greedy",
+        }
+        family_fields = {"mlp_bias": False}
     return {
-        "architectures": [HF_ARCHITECTURE],
-        "model_type": "deepseek_v3",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
@@ -112,24 +207,18 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: Optional[int] = None,
         "qk_rope_head_dim": m.qk_pos_emb_head_dim,
         "qk_nope_head_dim": m.qk_head_dim,
         "v_head_dim": m.v_head_dim,
-        "n_group": (m.router_num_groups or 1) if moe else 1,
-        "topk_group": (m.router_group_topk or 1) if moe else 1,
         "num_experts_per_tok": m.moe_router_topk if moe else 1,
         "first_k_dense_replace": m.first_k_dense_layers if moe else m.num_layers,
-        # megatron normalises the chosen sigmoid scores whenever more than one expert is chosen
-        "norm_topk_prob": bool(moe and m.moe_router_topk > 1),
-        "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc",
+        **router,
         "hidden_act": "silu",
         "max_position_embeddings": max_positions,
         "initializer_range": m.init_method_std,
         "rms_norm_eps": m.norm_epsilon,
         "tie_word_embeddings": m.share_embeddings_and_output_weights,
         "rope_parameters": rope,
-        "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "num_nextn_predict_layers": m.mtp_num_layers,
+        **family_fields,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": None,
@@ -139,34 +228,83 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: Optional[int] = None,
     }
 
 
+def _v3_router_from_hf(config: dict, topk: int) -> dict:
+    """Our router fields from a DeepseekV3 config: sigmoid scores, expert bias, top-2 group scores."""
+    if config.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConversionError(f"config.json: scoring_func={config['scoring_func']!r}: DeepseekV3 routes with sigmoid scores")
+    if topk > 1 and not config.get("norm_topk_prob", True):
+        raise ConversionError(f"config.json: norm_topk_prob=false with num_experts_per_tok={topk}: megatron "
+                              "normalises the scores of the chosen experts")
+    if topk == 1 and config.get("norm_topk_prob", False):
+        raise ConversionError("config.json: norm_topk_prob=true with num_experts_per_tok=1: megatron does not "
+                              "normalise a single expert's score")
+    n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+    if _groups_matter(n_group, topk_group) and topk // topk_group != 2:
+        raise ConversionError(f"config.json: topk_group={topk_group} with num_experts_per_tok={topk}: DeepseekV3 "
+                              f"ranks a group by its top-2 experts, megatron-core by its top "
+                              f"num_experts_per_tok/topk_group={topk // topk_group}")
+    return dict(router_score_function="sigmoid",
+                router_num_groups=None if n_group == 1 else n_group,
+                router_group_topk=None if n_group == 1 else topk_group)
+
+
+def _v2_router_from_hf(config: dict, topk: int, num_experts: int) -> dict:
+    """Our router fields from a DeepseekV2 config: the softmax over all experts, its top k
+    (within the best groups for group_limited_greedy), not renormalised."""
+    if config.get("scoring_func", "softmax") != "softmax":
+        raise ConversionError(f"config.json: scoring_func={config['scoring_func']!r}: DeepseekV2 routes with softmax scores")
+    method = config.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConversionError(f"config.json: topk_method={method!r}: DeepseekV2ForCausalLM routes with greedy or "
+                              "group_limited_greedy")
+    if config.get("norm_topk_prob"):
+        raise ConversionError("config.json: norm_topk_prob=true: transformers' DeepseekV2 ignores it (weights stay "
+                              "the softmax over all experts) while DeepSeek's own code renormalises them, so the "
+                              "folder does not say which model it is")
+    n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+    grouped = method == "group_limited_greedy" and _groups_matter(n_group, topk_group)
+    if grouped and topk // topk_group != 1:
+        raise ConversionError(f"config.json: topk_method='group_limited_greedy' with num_experts_per_tok={topk}, "
+                              f"topk_group={topk_group}: DeepseekV2 ranks a group by its best expert, megatron-core "
+                              f"by the sum of its top num_experts_per_tok/topk_group={topk // topk_group}")
+    if grouped and topk > topk_group * (num_experts // n_group):
+        raise ConversionError(f"config.json: num_experts_per_tok={topk} is more than the {topk_group} kept groups "
+                              f"of {num_experts // n_group} experts hold")
+    return dict(router_score_function="softmax", router_pre_softmax=True, router_expert_bias=False,
+                router_num_groups=n_group if grouped else None, router_group_topk=topk_group if grouped else None)
+
+
 def model_config_from_hf(config: dict) -> ModelConfig:
-    """Our ModelConfig from a DeepseekV3 `config.json` (shape from the HF fields; the training
-    settings HF has no place for from our `megatron_mm` entry when present)."""
-    arch = (config.get("architectures") or [None])[0]
-    if config.get("model_type") != "deepseek_v3" and arch != HF_ARCHITECTURE:
-        raise ConversionError(f"config.json: model_type={config.get('model_type')!r}, architectures={arch!r}: "
-                              f"only DeepseekV3 ({HF_ARCHITECTURE}) checkpoints are converted")
+    """Our ModelConfig from a DeepseekV3 or DeepseekV2 `config.json` (shape from the HF fields;
+    the training settings HF has no place for from our `megatron_mm` entry when present). The
+    MTP depth is the config's `num_nextn_predict_layers`; the converter corrects it to what
+    the folder's weights hold (`mtp_layers_in`)."""
+    family = family_of_hf(config)
     need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
     missing = [k for k in need if k not in config]
     if missing:
         raise ConversionError(f"config.json: missing {', '.join(missing)}")
-    if config.get("num_key_value_heads", config["num_attention_heads"]) != config["num_attention_heads"]:
+    if (config.get("num_key_value_heads") or config["num_attention_heads"]) != config["num_attention_heads"]:
         raise ConversionError(f"config.json: num_key_value_heads={config['num_key_value_heads']} differs from "
                               f"num_attention_heads={config['num_attention_heads']}; MLA has one key/value per head")
-    if config.get("scoring_func", "sigmoid") != "sigmoid":
-        raise ConversionError(f"config.json: scoring_func={config['scoring_func']!r}: only sigmoid routing is converted")
     if config.get("attention_bias"):
         raise ConversionError("config.json: attention_bias=true: our MLA has no attention biases")
-    if not config.get("rope_interleave", True):
+    if config.get("mlp_bias"):
+        raise ConversionError("config.json: mlp_bias=true: our MLPs have no biases")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act={config['hidden_act']!r}: our MLPs are SwiGLU (silu)")
+    if family is DEEPSEEK_V3 and not config.get("rope_interleave", True):
         raise ConversionError("config.json: rope_interleave=false: megatron's MLA rotary takes interleaved pairs")
+    if config.get("moe_layer_freq", 1) != 1:
+        raise ConversionError(f"config.json: moe_layer_freq={config['moe_layer_freq']}: megatron_mm makes every layer "
+                              "after first_k_dense_replace an MoE layer")
     ours = dict(config.get(OURS_KEY) or {})
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     layers = config["num_hidden_layers"]
-    first_dense = config.get("first_k_dense_replace", 0)
-    dense = first_dense >= layers
-    topk = config.get("num_experts_per_tok", 1)
-    n_group = config.get("n_group") or 1
+    first_dense = config.get("first_k_dense_replace") or 0
+    dense = first_dense >= layers or not config.get("n_routed_experts")
+    topk = config.get("num_experts_per_tok") or 1
     shape = dict(
         num_layers=layers,
         hidden_size=config["hidden_size"],
@@ -182,24 +320,19 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         moe_router_topk=topk,
         num_shared_experts=config.get("n_shared_experts") or 0,
         first_k_dense_layers=min(first_dense, layers) if not dense else 0,
-        router_score_function="sigmoid",
         router_topk_scaling_factor=(None if config.get("routed_scaling_factor", 1.0) == 1.0
                                     else float(config["routed_scaling_factor"])),
-        router_num_groups=None if n_group == 1 else n_group,
-        router_group_topk=None if n_group == 1 else config.get("topk_group"),
-        mtp_num_layers=config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0)) or 0,
+        mtp_num_layers=(config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0)) or 0
+                        if family.mtp else 0),
         vocab_size=config["vocab_size"],
         rotary_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         init_method_std=config.get("initializer_range", 0.02),
         share_embeddings_and_output_weights=bool(config.get("tie_word_embeddings", False)),
     )
-    if not dense and topk > 1 and not config.get("norm_topk_prob", True):
-        raise ConversionError(f"config.json: norm_topk_prob=false with num_experts_per_tok={topk}: megatron "
-                              "normalises the scores of the chosen experts")
-    if not dense and topk == 1 and config.get("norm_topk_prob", False):
-        raise ConversionError("config.json: norm_topk_prob=true with num_experts_per_tok=1: megatron does not "
-                              "normalise a single expert's score")
+    if not dense:
+        shape.update(_v3_router_from_hf(config, topk) if family is DEEPSEEK_V3
+                     else _v2_router_from_hf(config, topk, config["n_routed_experts"]))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "yarn":
         factor = float(rope["factor"])
@@ -226,13 +359,29 @@ def model_config_from_hf(config: dict) -> ModelConfig:
                                   f"megatron's mscale/mscale_all_dim ratio (mscale_all_dim={shape['mscale_all_dim']})")
     elif rope_type != "default":
         raise ConversionError(f"config.json: rope_parameters.rope_type={rope_type!r}: only default and yarn are converted")
-    merged = {**{k: v for k, v in ours.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}, **shape}
+    # The releases' sequence-level balance loss (aux_loss_alpha with seq_aux) is a training
+    # setting: a default under our own entry.
+    training = {}
+    if config.get("aux_loss_alpha") is not None and config.get("seq_aux", True) and not dense:
+        training["aux_loss_coeff"] = float(config["aux_loss_alpha"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    merged = {**training, **{k: v for k, v in ours.items() if k in known}, **shape}
     merged.setdefault("seq_length", min(config.get("max_position_embeddings", 4096), 4096))
     merged.pop("vision", None), merged.pop("audio", None)
     try:
         return _build(ModelConfig, merged, "model")
     except ConfigError as err:
         raise ConversionError(f"config.json: {err}") from None
+
+
+def mtp_layers_in(names: Iterable[str], num_layers: int) -> int:
+    """How many MTP modules a folder's tensor names hold: the consecutive layers
+    `model.layers.{num_layers}`, `{num_layers + 1}`, ... that have any tensor."""
+    indices = {name.split(".")[2] for name in names if name.startswith("model.layers.")}
+    depth = 0
+    while str(num_layers + depth) in indices:
+        depth += 1
+    return depth
 
 
 def compare_model_configs(a: ModelConfig, b: ModelConfig, what_a: str, what_b: str) -> None:
@@ -243,7 +392,8 @@ def compare_model_configs(a: ModelConfig, b: ModelConfig, what_a: str, what_b: s
                     "moe_ffn_hidden_size", "moe_router_topk", "num_shared_experts", "first_k_dense_layers",
                     "mtp_num_layers", "vocab_size", "share_embeddings_and_output_weights", "rope_type",
                     "router_topk_scaling_factor", "router_num_groups", "router_group_topk",
-                    "router_score_function", "router_expert_bias", "rotary_base", "norm_epsilon")
+                    "router_score_function", "router_pre_softmax", "router_expert_bias", "rotary_base",
+                    "norm_epsilon")
     if a.rope_type == "yarn" or b.rope_type == "yarn":
         shape_fields += ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                          "mscale", "mscale_all_dim")
@@ -331,7 +481,8 @@ def hf_layer_shapes(m: ModelConfig, layer: Layer) -> dict[str, tuple]:
     else:
         e, f = m.num_experts, m.moe_ffn_hidden_size
         out["mlp.gate.weight"] = (e, h)
-        out["mlp.gate.e_score_correction_bias"] = (e,)
+        if family_of(m).router_bias:
+            out["mlp.gate.e_score_correction_bias"] = (e,)
         for i in range(e):
             out.update({f"mlp.experts.{i}.gate_proj.weight": (f, h), f"mlp.experts.{i}.up_proj.weight": (f, h),
                         f"mlp.experts.{i}.down_proj.weight": (h, f)})
@@ -395,9 +546,10 @@ def layer_to_hf(m: ModelConfig, layer: Layer, get: Getter) -> Iterator[tuple[str
         yield q + "mlp.down_proj.weight", get(p + "mlp.linear_fc2.weight")
     else:
         yield q + "mlp.gate.weight", get(p + "mlp.router.weight")
-        bias = (get(p + "mlp.router.expert_bias") if m.router_expert_bias
-                else torch.zeros(m.num_experts, dtype=torch.float32))
-        yield q + "mlp.gate.e_score_correction_bias", bias
+        if family_of(m).router_bias:
+            bias = (get(p + "mlp.router.expert_bias") if m.router_expert_bias
+                    else torch.zeros(m.num_experts, dtype=torch.float32))
+            yield q + "mlp.gate.e_score_correction_bias", bias
         for e in range(m.num_experts):
             gate, up = get(p + "mlp.experts.experts.linear_fc1.weight", e).chunk(2, dim=0)
             yield q + f"mlp.experts.{e}.gate_proj.weight", gate
@@ -426,12 +578,13 @@ def layer_from_hf(m: ModelConfig, layer: Layer, get: Getter) -> Iterator[tuple[s
         yield p + "mlp.linear_fc2.weight", None, get(q + "mlp.down_proj.weight")
     else:
         yield p + "mlp.router.weight", None, get(q + "mlp.gate.weight")
-        bias = get(q + "mlp.gate.e_score_correction_bias")
-        if m.router_expert_bias:
-            yield p + "mlp.router.expert_bias", None, bias.float()
-        elif bool(bias.abs().max() > 0):
-            raise ConversionError(f"{q}mlp.gate.e_score_correction_bias is non-zero but model.router_expert_bias="
-                                  "false: the megatron model would route differently")
+        if family_of(m).router_bias:
+            bias = get(q + "mlp.gate.e_score_correction_bias")
+            if m.router_expert_bias:
+                yield p + "mlp.router.expert_bias", None, bias.float()
+            elif bool(bias.abs().max() > 0):
+                raise ConversionError(f"{q}mlp.gate.e_score_correction_bias is non-zero but "
+                                      "model.router_expert_bias=false: the megatron model would route differently")
         for i in range(m.num_experts):
             yield p + "mlp.experts.experts.linear_fc1.weight", i, torch.cat(
                 [get(q + f"mlp.experts.{i}.gate_proj.weight"), get(q + f"mlp.experts.{i}.up_proj.weight")])

@@ -1,7 +1,7 @@
 """megatron-core dist checkpoint (any TP/PP/EP/VPP layout) → Hugging Face folder.
 
-The language model becomes a `DeepseekV3ForCausalLM` checkpoint (safetensors shards + index,
-`config.json`); the vision/audio encoders, which have no exact Hugging Face counterpart (see
+The language model becomes a `DeepseekV3ForCausalLM` checkpoint, or `DeepseekV2ForCausalLM` for a
+softmax router (safetensors shards + index, `config.json`; `mapping.family_of`); the vision/audio encoders, which have no exact Hugging Face counterpart (see
 `hf_model.py`), go to `encoders.safetensors` under their megatron names; `megatron_mm.json`
 holds our whole model config and the placeholder token ids; the tokenizer is copied as
 `tokenizer.model` with a `tokenizer_config.json` that `AutoTokenizer` reads.
@@ -66,7 +66,7 @@ def check_against_config(m, saved: dict, folder: str) -> None:
     unknown = sorted(k for k in saved if k not in expected and not k.startswith(encoders))
     if unknown:
         raise ConversionError(f"checkpoint {folder}: unknown key {unknown[0]} (and {len(unknown) - 1} more) that no "
-                              f"mapping to DeepseekV3 covers; does model config match (e.g. model.q_lora_rank, "
+                              f"mapping to {mapping.family_of(m).architecture} covers; does model config match (e.g. model.q_lora_rank, "
                               f"model.num_experts, model.mtp_num_layers)?")
     missing = sorted(k for k in expected if k not in saved)
     if missing:
@@ -152,7 +152,7 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     if tokenizer is None and (token_path is None or not os.path.exists(token_path)):
         raise ConversionError(f"tokenizer: the run's tokenizer ({token_path or 'data.source=' + cfg.data.source}) is "
                               "not on this machine; pass --tokenizer PATH (a sentencepiece .model) or --tokenizer none")
-    max_positions = mapping.hf_config(m, torch.float32)["max_position_embeddings"]  # (also: can DeepseekV3 express m?)
+    max_positions = mapping.hf_config(m, torch.float32)["max_position_embeddings"]  # (also: can the family express m?)
     ids = write_tokenizer(token_path, out, m, max_positions) if token_path else {}
 
     hf_cfg = mapping.hf_config(m, dtype or saved["embedding.word_embeddings.weight"][1], ids.get("bos"), ids.get("eos"))

@@ -36,6 +36,7 @@ def transformer_config(cfg: Config, device_overrides: dict) -> MLATransformerCon
             moe_layer_freq=[0] * m.first_k_dense_layers + [1] * (m.num_layers - m.first_k_dense_layers),
             moe_router_topk=m.moe_router_topk,
             moe_router_score_function=m.router_score_function,
+            moe_router_pre_softmax=m.router_pre_softmax,
             moe_router_enable_expert_bias=m.router_expert_bias,
             # A frozen language model keeps its routing too (the bias update is not an optimizer step).
             moe_router_bias_update_rate=0.0 if cfg.train.freeze.language_model else m.router_bias_update_rate,
