@@ -254,7 +254,7 @@ def _last_error(result: tuple[int, str, str]) -> str:
 def test_missing_shards_are_named(converted, tmp_path, capsys):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(converted[("tiny", "ep2")]["checkpoint"], checkpoint)
-    iteration = next(p for p in checkpoint.iterdir() if p.name.startswith("iter_"))
+    iteration = checkpoint / f"iter_{TEXT_STEPS:07d}"  # the latest, which the converter reads
     victim = sorted(iteration.glob("*.distcp"))[-1]
     victim.unlink()
     line = _last_error(tool("convert_to_hf", ["--checkpoint", str(checkpoint),
