@@ -25,25 +25,24 @@ RESUME_AT, NEXT_STEPS = 4, 3
 LOSS_TOLERANCE = 2e-4
 TARGETS = {  # world size, overrides
     "single": (1, []),
+    "single_plain": (1, ["train.optimizer.use_distributed_optimizer=false"]),  # torch's Adam state as is
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     # the experts' own layout (EP2 x ETP1) folded into the dense one's (TP2); ETP2 needs an
     # uneven all_gather, which gloo lacks (validate refuses it on CPU)
     "tp2_ep2": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),
-    "ep2": (2, ["parallel.ep=2"]),
-    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "dp2": (2, []),
-    "dp2_plain": (2, ["train.optimizer.use_distributed_optimizer=false"]),
+    "ep2": (2, ["parallel.ep=2"]),  # and DP2 for the dense parameters (distributed optimizer)
 }
-# source layout (TEXT_LAYOUTS) -> the layouts it resumes under; EP 1 -> 2 and 2 -> 1 both
+# source layout (TEXT_LAYOUTS) -> the layouts it resumes under: EP 1 -> 2 and 2 -> 1 both,
+# the distributed optimizer on -> off (and off -> on below); one rank where that suffices
 MATRIX = {
-    "single": ["ep2", "tp2", "dp2_plain"],
-    "tp2": ["ep2", "single", "pp2"],
-    "pp2": ["ep2", "single", "tp2_ep2"],
-    "ep2": ["single", "pp2", "dp2"],
-    "pp2_vpp2": ["ep2", "single", "tp2"],
-    "tp2_pp2_ep2": ["single", "ep2", "dp2_plain"],  # TP2 x PP2 x EP2 (x DP2: 8 ranks)
-    "dp2": ["ep2", "single", "pp2_vpp2"],
+    "single": ["ep2", "tp2", "single_plain"],
+    "tp2": ["ep2", "single", "single_plain"],
+    "pp2": ["tp2_ep2", "single", "single_plain"],
+    "ep2": ["single", "single_plain", "pp2"],
+    "pp2_vpp2": ["ep2", "single", "single_plain"],
+    "tp2_pp2_ep2": ["single", "single_plain", "ep2"],  # TP2 x PP2 x EP2 (x DP2: 8 ranks)
+    "dp2": ["ep2", "single", "single_plain"],
 }
 PAIRS = [(source, target) for source, targets in MATRIX.items() for target in targets]
 _runs: dict[tuple, str] = {}
@@ -90,7 +89,7 @@ def test_same_layout_resume_is_bit_exact(text_layout_runs, root):
 def test_plain_optimizer_checkpoint_resumes_under_the_distributed_one(text_layout_runs, root):
     """Saved without the distributed optimizer (no fp32 copy of the weights in the checkpoint),
     resumed with it under EP2: steps 8-10 still follow the one-rank run."""
-    plain = resume(text_layout_runs, root, "single", "dp2_plain")
+    plain = resume(text_layout_runs, root, "single", "single_plain")
     chained = resume(text_layout_runs, root, "single", "ep2", steps=TEXT_STEPS,
                      checkpoint=os.path.join(plain, "checkpoints"))
     got, want = losses(chained), losses(text_layout_runs("single"))
@@ -107,7 +106,7 @@ def _optimizer_state(folder: str) -> tuple[float, dict[str, torch.Tensor]]:
     return reader.common["optimizer"]["step"], moments
 
 
-@pytest.mark.parametrize("source,target", [("single", "ep2"), ("ep2", "single"), ("tp2_pp2_ep2", "dp2_plain")])
+@pytest.mark.parametrize("source,target", [("single", "ep2"), ("ep2", "single"), ("tp2_pp2_ep2", "single_plain")])
 def test_moments_and_step_count_come_across(text_layout_runs, root, source, target):
     """Resumed with nothing to train, the run saves the state it loaded: Adam's moments of
     every parameter and the step count, exactly as the source saved them."""
