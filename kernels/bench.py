@@ -87,14 +87,14 @@ def main(argv=None) -> int:
         for name, (fn, moved) in operations.items():
             seconds = _timed(fn, repeats, synchronize)
             rows_out.append({"operation": name, "backend": backend, "shape": [rows, args.cols],
-                             "seconds": round(seconds, 5), "gb_per_s": round(moved / seconds / 1e9, 3)})
+                             "seconds": float(f"{seconds:.4g}"), "gb_per_s": float(f"{moved / seconds / 1e9:.4g}")})
     where = str(device) + ("" if on_gpu else f", {torch.get_num_threads()} thread(s)")
     print(f"block FP8 kernels, {args.dtype}, {where}")
     print(f"{'operation':32s} {'backend':8s} {'shape':>14s} {'ms':>10s} {'GB/s':>8s}")
     for row in rows_out:
         backend = row["backend"] + ("*" if row["backend"] == "triton" and not on_gpu else "")
         print(f"{row['operation']:32s} {backend:8s} {'x'.join(map(str, row['shape'])):>14s} "
-              f"{row['seconds'] * 1e3:10.2f} {row['gb_per_s']:8.3f}")
+              f"{row['seconds'] * 1e3:10.2f} {row['gb_per_s']:8.4g}")
     if "triton" in backends and not on_gpu:
         print("* Triton's CPU interpreter (numpy): checks the kernels, not their speed")
     print(json.dumps({"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
