@@ -9,6 +9,9 @@ training settings and encoders). --tp/--pp/--ep/--etp/--vpp choose the layout wh
 chunks the checkpoint is written as (default one rank); megatron reshards on load, so any
 layout resumes from it. --config FILE [--set k=v] gives the rest of the stored config and
 must agree with config.json on the model. Streams: memory holds about one tensor.
+An FP8 block-scaled folder (DeepSeek-V3's release format, `quantization_config` fp8) is read
+dequantized: each FP8 weight becomes code * scale per 128x128 block, in --dtype (default: the
+dtype of the folder's unquantized weights, bf16 for the release).
 Last stdout line: one JSON object (out, iteration, tensors, files, layout, seconds, peak_rss_gib,
 rss_after_imports_gib).
 """
@@ -32,7 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iteration", type=int, default=0, help="iteration number to write (training resumes after it)")
     parser.add_argument("--config", default=None, help="YAML config for the non-model sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast weights (default: as stored; FP8 weights: as the unquantized ones)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

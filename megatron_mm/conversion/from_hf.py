@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.config import Config, ConfigError, Hardware, ParallelConfig, _build, to_dict, validate
-from megatron_mm.conversion import mapping
+from megatron_mm.conversion import fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
@@ -108,7 +108,7 @@ def _check_layout(cfg: Config) -> int:
     return world
 
 
-def check_hf_tensors(reader: HFFolderReader, m) -> None:
+def check_hf_tensors(reader: HFFolderReader | fp8.DequantizingReader, m) -> None:
     expected = mapping.hf_shapes(m)
     optional = {layer.hf + k for layer in mapping.layers(m) if layer.mtp is not None
                 for k in ("embed_tokens.weight", "shared_head.head.weight")}
@@ -139,7 +139,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         if cfg.data.source not in ("demo", "shards"):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="demo"))
     world = _check_layout(cfg)
-    reader = HFFolderReader(hf)
+    reader = fp8.reader_for(HFFolderReader(hf), read_hf_config(hf)[0], dtype)  # FP8 weights read dequantized
     check_hf_tensors(reader, m)
     encoders = None
     if ours.get("encoders_file"):
