@@ -8,7 +8,8 @@ torch_dist format (no model is built): every tensor under its megatron key with 
 shape, split into the chunks the ranks of the requested layout (`--tp/--pp/--ep/--vpp`) would
 have saved, one `.distcp` file per rank, plus the `_extra_state` objects megatron-core keeps
 beside each linear layer, and `common.pt` with iteration, config and layout. Tensors stream:
-one HF tensor read, its chunks written, dropped; experts one at a time.
+one HF tensor read, its chunks written, dropped; experts one at a time. An FP8 block-scaled
+folder (DeepSeek-V3's release format) is read through `fp8.DequantizingReader`.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
 
     hf_cfg = mapping.hf_config(m, dtype or saved["embedding.word_embeddings.weight"][1], ids.get("bos"), ids.get("eos"))
     if fp8_blockwise:
-        hf_cfg["quantization_config"] = fp8.QUANTIZATION_CONFIG
+        hf_cfg["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
 
     # Plan from metadata alone: meta tensors stand in for the real ones.
     def meta_read(key, index=None):
