@@ -212,12 +212,13 @@ def test_triton_ties_signs_and_every_code(interpreter):
 # --------------------------------------------------------------------------- the benchmark
 
 
-def test_bench_reports_gb_per_s(capsys):
+def test_bench_reports_gb_per_s(capsys, monkeypatch):
     from kernels import bench
 
     argv = ["--rows", "130", "--cols", "300", "--repeats", "1"]
     if fp8.triton_installed():
         argv.append("--triton")  # the interpreter on these shapes: a few seconds
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # bench sets it too; monkeypatch restores it afterwards
     assert bench.main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["device"] == "cpu"
