@@ -4,7 +4,7 @@ setup(
     name="megatron_mm",
     version="0.1.0",
     description="Multimodal 3D-parallel pretraining (MoE + MLA) on megatron-core",
-    packages=find_packages(include=["megatron_mm", "megatron_mm.*"]),
+    packages=find_packages(include=["megatron_mm", "megatron_mm.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         # Any torch the cluster already has (NGC containers bring their own); CPU machines
@@ -27,7 +27,10 @@ setup(
         # DALI reads the multimodal shards (on the GPU when there is one, else its CPU pipeline).
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["transformer-engine[pytorch]>=2.6", "nvidia-dali-cuda120"],
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors", "protobuf"],
+        # triton: the kernels/ tests run its CPU interpreter (GPU machines have the triton their torch
+        # needs); accelerate: transformers' FP8 loader, which tests/test_fp8_blockwise.py compares against.
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors",
+                "protobuf", "triton; platform_system == 'Linux'", "accelerate"],
         # Loading converted folders (megatron_mm.conversion.hf_model) and checking conversions
         # (tools/verify_hf.py); the converters themselves need neither.
         "hf": ["transformers>=5.24,<6", "safetensors", "protobuf"],

@@ -13,6 +13,9 @@ default the stored config's train.seed), and --mtp-layers 0 leaves a folder's MT
 chunks the checkpoint is written as (default one rank); megatron reshards on load, so any
 layout resumes from it. --config FILE [--set k=v] gives the rest of the stored config and
 must agree with config.json on the model. Streams: memory holds about one tensor.
+An FP8 block-scaled folder (DeepSeek-V3's release format, `quantization_config` fp8) is read
+dequantized: each FP8 weight becomes code * scale per 128x128 block, in --dtype (default: the
+dtype of the folder's unquantized weights, bf16 for the release).
 Last stdout line: one JSON object (out, iteration, tensors, files, layout, family, mtp_layers,
 mtp_initialised, seconds, peak_rss_gib, rss_after_imports_gib).
 """
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
                              "(default: what the weights hold)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of fresh MTP modules (default: train.seed of the stored config)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast weights (default: as stored; FP8 weights: as the unquantized ones)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

@@ -10,6 +10,8 @@ must agree with it). Writes DeepseekV3ForCausalLM (DeepseekV2ForCausalLM for a s
 safetensors shards + index, config.json,
 the tokenizer (the run's sentencepiece model, or --tokenizer PATH / none), megatron_mm.json,
 and for a multimodal model encoders.safetensors. Streams: memory holds about one tensor.
+--fp8-blockwise writes DeepSeek-V3's FP8 release format (python tools/convert_to_hf.py
+--checkpoint CKPT --out hf_fp8 --dtype bf16 --fp8-blockwise); convert_from_hf reads it back.
 Last stdout line: one JSON object (out, tensors, bytes, shards, iteration, layout, seconds,
 peak_rss_gib,
 rss_after_imports_gib).
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as saved)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model, or 'none' (default: the run's)")
     parser.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size limit")
+    parser.add_argument("--fp8-blockwise", action="store_true",
+                        help="DeepSeek-V3's FP8 release format: attention and MLP projections as float8_e4m3fn with "
+                             "a float32 weight_scale_inv per 128x128 block (the rest in --dtype)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
 
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
         elif args.overrides:  # --set over the stored config
             cfg = config_from_tree(to_dict(config_of_checkpoint(DistCheckpointReader(args.checkpoint))), args.overrides)
         return convert_to_hf(args.checkpoint, args.out, cfg, dtype=torch_dtype(args.dtype), tokenizer=args.tokenizer,
-                             max_shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.no_progress)
+                             max_shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.no_progress,
+                             fp8_blockwise=args.fp8_blockwise)
 
     return run_conversion(convert)
 

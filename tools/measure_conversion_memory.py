@@ -6,6 +6,9 @@ process, and reports each process's peak resident set size.
     python tools/measure_conversion_memory.py --config configs/models/deepseek_v2_lite_16b.yaml \
         --layers 2 4 8 --work /tmp/convmem [--set model.router_score_function=sigmoid ...]
 
+--fp8: the random folder is in DeepSeek-V3's FP8 release format (projections float8_e4m3fn with
+128x128 block scales), imported with --dtype bf16 and exported back with --fp8-blockwise.
+
 The tool converts every shape as a DeepseekV3 folder, with DeepSeek-V3's sigmoid router and
 expert bias (the README's numbers were measured so; V2-Lite's own softmax router converts too,
 as DeepseekV2, with the same tensors but the expert biases). Folders are deleted after use (--keep to keep them). Last stdout line: one JSON
@@ -30,16 +33,20 @@ V3_ROUTER = ["model.router_score_function=sigmoid", "model.router_pre_softmax=fa
              "model.aux_loss_coeff=0"]
 
 
-def write_random_hf(m, folder: str, dtype, seed: int = 0, max_shard_bytes: int = 5 * 2**30) -> int:
-    """A DeepseekV3 folder of shape `m` with N(0, 0.02) weights, written tensor by tensor."""
+def write_random_hf(m, folder: str, dtype, seed: int = 0, max_shard_bytes: int = 5 * 2**30,
+                    fp8_blockwise: bool = False) -> int:
+    """A DeepseekV3 folder of shape `m` with N(0, 0.02) weights, written tensor by tensor
+    (`fp8_blockwise`: the release's projections quantized, with their block scales)."""
     import torch
 
-    from megatron_mm.conversion import mapping
+    from megatron_mm.conversion import fp8, mapping
     from megatron_mm.conversion.safetensors_io import ShardWriter, nbytes, write_index
 
     os.makedirs(folder, exist_ok=True)
     plan = [(name, tuple(shape), torch.float32 if name.endswith("e_score_correction_bias") else dtype)
             for name, shape in mapping.hf_shapes(m).items()]
+    if fp8_blockwise:
+        plan = fp8.plan_with_scales(plan)
     shards, size = [[]], 0
     for entry in plan:
         if shards[-1] and size + nbytes(entry[1], entry[2]) > max_shard_bytes:
@@ -48,24 +55,33 @@ def write_random_hf(m, folder: str, dtype, seed: int = 0, max_shard_bytes: int =
         shards[-1].append(entry)
         size += nbytes(entry[1], entry[2])
     generator = torch.Generator().manual_seed(seed)
+
+    def random_tensors():
+        for key, shape in mapping.hf_shapes(m).items():
+            if key.endswith("norm.weight"):
+                yield key, torch.ones(shape, dtype=dtype)
+            elif key.endswith("e_score_correction_bias"):
+                yield key, torch.zeros(shape, dtype=torch.float32)
+            else:
+                yield key, torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=generator)
+
+    tensors = fp8.quantize_items(random_tensors()) if fp8_blockwise else random_tensors()
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = ShardWriter(os.path.join(folder, name), shard)
-        for key, shape, tensor_dtype in shard:
-            if key.endswith("norm.weight"):
-                tensor = torch.ones(shape, dtype=tensor_dtype)
-            elif key.endswith("e_score_correction_bias"):
-                tensor = torch.zeros(shape, dtype=tensor_dtype)
-            else:
-                tensor = torch.empty(shape, dtype=tensor_dtype).normal_(0, 0.02, generator=generator)
+        for _ in shard:
+            key, tensor = next(tensors)
             writer.write(key, tensor)
             weight_map[key] = name
             del tensor
         writer.close()
     write_index(folder, weight_map, sum(nbytes(s, d) for _, s, d in plan))
+    config = mapping.hf_config(m, dtype)
+    if fp8_blockwise:
+        config["quantization_config"] = fp8.QUANTIZATION_CONFIG
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(mapping.hf_config(m, dtype), f, indent=2)
+        json.dump(config, f, indent=2)
     return sum(nbytes(s, d) for _, s, d in plan)
 
 
@@ -84,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", required=True, help="layer counts to measure")
     parser.add_argument("--work", required=True, help="scratch folder (needs about 2 x the model's bytes)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--fp8", action="store_true", help="the folder in DeepSeek-V3's FP8 block format (see above)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
 
@@ -101,15 +118,16 @@ def main(argv=None) -> int:
         folder = os.path.join(args.work, f"L{layers}")
         shutil.rmtree(folder, ignore_errors=True)
         start = time.time()
-        total = write_random_hf(m, os.path.join(folder, "hf"), dtype)
+        total = write_random_hf(m, os.path.join(folder, "hf"), dtype, fp8_blockwise=args.fp8)
         made = time.time() - start
+        fp8_args = (["--dtype", args.dtype], ["--fp8-blockwise"]) if args.fp8 else ([], [])
         to_mg = run([os.path.join(tools, "convert_from_hf.py"), "--hf", os.path.join(folder, "hf"),
                      "--out", os.path.join(folder, "megatron"), "--tp", "2", "--pp", "2" if layers % 2 == 0 else "1",
                      "--ep", "2",
-                     "--no-progress"])
+                     "--no-progress"] + fp8_args[0])
         shutil.rmtree(os.path.join(folder, "hf"))
         to_hf = run([os.path.join(tools, "convert_to_hf.py"), "--checkpoint", os.path.join(folder, "megatron"),
-                     "--out", os.path.join(folder, "hf_back"), "--tokenizer", "none", "--no-progress"])
+                     "--out", os.path.join(folder, "hf_back"), "--tokenizer", "none", "--no-progress"] + fp8_args[1])
         largest = max(v for k, v in estimate_parameters(m).items() if k in ("embedding", "output_layer"))
         rows.append({"layers": layers, "parameters": estimate_parameters(m)["total"], "bytes": total,
                      "write_random_s": round(made, 1),
@@ -129,7 +147,7 @@ def main(argv=None) -> int:
         return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), 4)
 
     full = dataclasses.replace(base)
-    print(json.dumps({"config": args.config, "dtype": args.dtype, "rows": rows,
+    print(json.dumps({"config": args.config, "dtype": args.dtype, "fp8_blockwise": args.fp8, "rows": rows,
                       "from_hf_gib_per_layer": slope("from_hf_peak_rss_gib"),
                       "to_hf_gib_per_layer": slope("to_hf_peak_rss_gib"),
                       "full_model_layers": full.num_layers, "full_model_parameters": estimate_parameters(full)["total"]}))

@@ -10,7 +10,8 @@ torch_dist format (no model is built): every tensor under its megatron key with 
 shape, split into the chunks the ranks of the requested layout (`--tp/--pp/--ep/--vpp`) would
 have saved, one `.distcp` file per rank, plus the `_extra_state` objects megatron-core keeps
 beside each linear layer, and `common.pt` with iteration, config and layout. Tensors stream:
-one HF tensor read, its chunks written, dropped; experts one at a time.
+one HF tensor read, its chunks written, dropped; experts one at a time. An FP8 block-scaled
+folder (DeepSeek-V3's release format) is read through `fp8.DequantizingReader`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.config import Config, ConfigError, Hardware, ParallelConfig, _build, to_dict, validate
-from megatron_mm.conversion import mapping
+from megatron_mm.conversion import fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
@@ -171,7 +172,7 @@ def fresh_hf_tensor(m, name: str, shape: tuple, dtype: torch.dtype, seed: int) -
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
 
 
-def check_hf_tensors(reader: HFFolderReader, m) -> None:
+def check_hf_tensors(reader: HFFolderReader | fp8.DequantizingReader, m) -> None:
     expected = mapping.hf_shapes(m)
     optional = {layer.hf + k for layer in mapping.layers(m) if layer.mtp is not None
                 for k in ("embed_tokens.weight", "shared_head.head.weight")}
@@ -198,7 +199,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     `mtp_layers`: see `resolve_mtp`; fresh modules are drawn with `seed` (default: the stored
     config's train.seed)."""
     m, ours = model_config(hf)
-    reader = HFFolderReader(hf)
+    reader = fp8.reader_for(HFFolderReader(hf), read_hf_config(hf)[0], dtype)  # FP8 weights read dequantized
     mtp = resolve_mtp(m, reader, mtp_layers)
     check_hf_tensors(reader, dataclasses.replace(m, mtp_num_layers=mtp.in_folder))
     m = dataclasses.replace(m, mtp_num_layers=mtp.layers)

@@ -106,12 +106,15 @@ class ShardReader:
         return tuple(self.header[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return NAMES[self.header[name]["dtype"]]
+        code = self.header[name]["dtype"]
+        if code not in NAMES:
+            raise ConversionError(f"{self.path}: {name} has dtype {code}, which the converter does not read")
+        return NAMES[code]
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=NAMES[entry["dtype"]])
+        out = torch.empty(entry["shape"], dtype=self.dtype(name))
         if end > begin:
             with open(self.path, "rb") as f:
                 f.seek(self.data_start + begin)
@@ -156,6 +159,9 @@ class HFFolderReader:
 
     def shape(self, name: str) -> tuple:
         return self.readers[self.where[name]].shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.readers[self.where[name]].dtype(name)
 
     def file_of(self, name: str) -> str:
         return self.where[name]

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.config import Config, ConfigError, _build, to_dict
-from megatron_mm.conversion import mapping
+from megatron_mm.conversion import fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import ShardWriter, nbytes, write_index
@@ -133,9 +133,10 @@ def write_tokenizer(path: str, out: str, m, max_positions: int) -> dict:
 
 def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype: Optional[torch.dtype] = None,
                   tokenizer: Optional[str] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, fp8_blockwise: bool = False) -> dict:
     """Convert; returns a summary. `cfg` (default: the config stored in the checkpoint) gives
-    the model shape; `tokenizer` a sentencepiece model path, "none", or None (find the run's)."""
+    the model shape; `tokenizer` a sentencepiece model path, "none", or None (find the run's);
+    `fp8_blockwise` writes the weights DeepSeek-V3's release quantizes in its FP8 format (fp8.py)."""
     reader = DistCheckpointReader(checkpoint)
     stored = config_of_checkpoint(reader) if cfg is None or reader.common.get("config") else None
     if cfg is None:
@@ -156,6 +157,8 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     ids = write_tokenizer(token_path, out, m, max_positions) if token_path else {}
 
     hf_cfg = mapping.hf_config(m, dtype or saved["embedding.word_embeddings.weight"][1], ids.get("bos"), ids.get("eos"))
+    if fp8_blockwise:
+        hf_cfg["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
 
     # Plan from metadata alone: meta tensors stand in for the real ones.
     def meta_read(key, index=None):
@@ -163,6 +166,8 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
         return torch.empty(shape[1:] if index is not None else shape, dtype=source, device="meta")
 
     plan = [(name, tuple(t.shape), _plan_dtype(name, t.dtype, dtype)) for name, t in _language_model_items(m, meta_read)]
+    if fp8_blockwise:
+        plan = fp8.plan_with_scales(plan)
     shards: list[list] = [[]]
     size = 0
     for entry in plan:
@@ -178,6 +183,8 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
 
     bar = Progress(total, "to HF", enabled=progress)
     items = _language_model_items(m, reader.read)
+    if fp8_blockwise:
+        items = fp8.quantize_items(items)
     for name, shard in zip(names, shards):
         writer = ShardWriter(os.path.join(out, name), shard)
         for planned in shard:
