@@ -7,10 +7,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_mm.runtime import compat
 
 compat.before_megatron_import()  # as the entry points: for the tests that import megatron-core here
+# Triton's CPU interpreter for the kernel tests (tests/test_kernels.py): triton reads the variable
+# once, so it is set before any test of a worker process imports triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart_text.yaml")

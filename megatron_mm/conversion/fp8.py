@@ -111,7 +111,7 @@ class DequantizingReader:
                 raise ConversionError(f"{self.folder}: {name} is float8_e4m3fn in {reader.file_of(name)} but its "
                                       f"scale {name}{SCALE_SUFFIX} is missing")
         embedding = "model.embed_tokens.weight"
-        self.dtype = dtype or (reader.dtype(embedding) if embedding in self.where else torch.bfloat16)
+        self.out_dtype = dtype or (reader.dtype(embedding) if embedding in self.where else torch.bfloat16)
 
     def _check_pair(self, weight: str, scale: str) -> None:
         reader, file = self.inner, self.inner.file_of(scale)
@@ -136,11 +136,15 @@ class DequantizingReader:
     def file_of(self, name: str) -> str:
         return self.inner.file_of(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `read(name)` gives."""
+        return self.out_dtype if name in self.scale_of else self.inner.dtype(name)
+
     def read(self, name: str) -> torch.Tensor:
         tensor = self.inner.read(name)
         if name not in self.scale_of:
             return tensor
-        return fp8_blockwise.dequantize_weight(tensor, self.inner.read(self.scale_of[name]), self.dtype)
+        return fp8_blockwise.dequantize_weight(tensor, self.inner.read(self.scale_of[name]), self.out_dtype)
 
 
 def reader_for(reader: HFFolderReader, config: dict, dtype: Optional[torch.dtype]):

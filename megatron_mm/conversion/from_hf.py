@@ -244,7 +244,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         return tensor
 
     embedding = "model.embed_tokens.weight"
-    weights_dtype = reader.readers[reader.file_of(embedding)].dtype(embedding)
+    weights_dtype = reader.dtype(embedding)
     fresh_shapes = mapping.hf_shapes(m) if mtp.fresh else {}
 
     def fresh(name: str) -> torch.Tensor:
