@@ -1,5 +1,6 @@
 """Shared helpers: run launch/pretrain.py under torchrun (gloo, CPU) and read its metrics."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -73,6 +74,17 @@ def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool =
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def tool(name: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """Run tools/NAME.py's main(args) in this process: (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    code = module.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def losses(run_dir: str) -> dict[int, float]:

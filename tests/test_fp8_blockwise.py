@@ -13,7 +13,6 @@ and an MTP layer; written as a HF folder, converted HF -> megatron -> FP8 HF -> 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tool
 from megatron_mm.config import load_config
 from megatron_mm.conversion import fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
@@ -65,17 +64,6 @@ def write_hf_folder(folder: str, m, seed: int = 0) -> None:
     writer.close()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(mapping.hf_config(m, torch.float32), f)
-
-
-def tool(name: str, args: list[str], capsys) -> tuple[int, str, str]:
-    """tools/NAME.py's main(args) in this process: (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

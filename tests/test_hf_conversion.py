@@ -6,7 +6,6 @@ training under another layout; bad inputs stop with one clear line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TEXT_STEPS, losses, pretrain
+from conftest import ROOT, TEXT_STEPS, losses, pretrain, tool
 from megatron_mm.config import ParallelConfig, load_config
 from megatron_mm.conversion import mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
@@ -231,17 +230,6 @@ def test_multimodal_checkpoint_converts_with_its_encoders(tmp_path, data_cache):
 
 
 # --------------------------------------------------------------------------- errors: one clear line each
-
-
-def tool(name: str, args: list[str], capsys) -> tuple[int, str, str]:
-    """Run tools/NAME.py's main(args) in this process: (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _last_error(result: tuple[int, str, str]) -> str:
