@@ -34,7 +34,7 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     "ep2": (2, ["parallel.ep=2"]),
     # tiny_alt on 4 ranks: EP2 runs inside the TP2 x DP1 ranks of each stage (the checkpoint is the
-    # same as 8 ranks' with DP2 would write); tiny takes test_training's 8-rank run
+    # same as 8 ranks' with DP2 would write); tiny takes test_training's run of it
     "tp2_pp2_ep2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
 }
 EXTRA_LAYOUTS = {"tiny": {"pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"])}}  # interleaved: layers 0,2 | 1,3

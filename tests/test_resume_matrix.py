@@ -41,7 +41,7 @@ MATRIX = {
     "pp2": ["tp2_ep2", "single", "single_plain"],
     "ep2": ["single", "single_plain", "pp2"],
     "pp2_vpp2": ["ep2", "single", "single_plain"],
-    "tp2_pp2_ep2": ["single", "single_plain", "ep2"],  # TP2 x PP2 x EP2 (x DP2: 8 ranks)
+    "tp2_pp2_ep2": ["single", "single_plain", "ep2"],  # TP2 x PP2 x EP2 on 4 ranks
     "dp2": ["ep2", "single", "single_plain"],
 }
 PAIRS = [(source, target) for source, targets in MATRIX.items() for target in targets]
