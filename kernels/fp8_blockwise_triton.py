@@ -72,66 +72,73 @@ def _scale_of(amax):
 
 
 @triton.jit
-def _quantize_weight_kernel(w_ptr, code_ptr, scale_ptr, rows, cols, BLOCK: tl.constexpr):
+def _weight_block(rows, cols, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK block: element offsets, which lie inside the weight, and the
+    offset of its scale."""
     block_row = tl.program_id(0)
     block_col = tl.program_id(1)
     r = block_row * BLOCK + tl.arange(0, BLOCK)[:, None]
     c = block_col * BLOCK + tl.arange(0, BLOCK)[None, :]
     inside = (r < rows) & (c < cols)
-    offsets = r.to(tl.int64) * cols + c
+    return r.to(tl.int64) * cols + c, inside, block_row * tl.cdiv(cols, BLOCK) + block_col
+
+
+@triton.jit
+def _activation_tiles(rows, k, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS tiles of 1 x BLOCK: element offsets, which lie inside, the rows (a
+    column) and the offsets of their scales."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    tile = tl.program_id(1)
+    c = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
+    inside = (r < rows) & (c < k)
+    return r.to(tl.int64) * k + c, inside, r, r.to(tl.int64) * tl.cdiv(k, BLOCK) + tile
+
+
+@triton.jit
+def _store_dequantized(out_ptr, offsets, y, inside, OUT_BF16: tl.constexpr):
+    if OUT_BF16:
+        tl.store(out_ptr + offsets, _bf16_bits(y), mask=inside)
+    else:
+        tl.store(out_ptr + offsets, y, mask=inside)
+
+
+@triton.jit
+def _quantize_weight_kernel(w_ptr, code_ptr, scale_ptr, rows, cols, BLOCK: tl.constexpr):
+    offsets, inside, scale_offset = _weight_block(rows, cols, BLOCK)
     w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     scale = _scale_of(tl.max(tl.abs(w)))
     v = tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0)
     tl.store(code_ptr + offsets, _e4m3_code(v), mask=inside)
-    tl.store(scale_ptr + block_row * tl.cdiv(cols, BLOCK) + block_col, scale)
+    tl.store(scale_ptr + scale_offset, scale)
 
 
 @triton.jit
 def _dequantize_weight_kernel(code_ptr, scale_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr,
                               OUT_BF16: tl.constexpr):
-    block_row = tl.program_id(0)
-    block_col = tl.program_id(1)
-    r = block_row * BLOCK + tl.arange(0, BLOCK)[:, None]
-    c = block_col * BLOCK + tl.arange(0, BLOCK)[None, :]
-    inside = (r < rows) & (c < cols)
-    offsets = r.to(tl.int64) * cols + c
-    scale = tl.load(scale_ptr + block_row * tl.cdiv(cols, BLOCK) + block_col)
+    offsets, inside, scale_offset = _weight_block(rows, cols, BLOCK)
+    scale = tl.load(scale_ptr + scale_offset)
     y = _e4m3_value(tl.load(code_ptr + offsets, mask=inside, other=0)) * scale
-    if OUT_BF16:
-        tl.store(out_ptr + offsets, _bf16_bits(y), mask=inside)
-    else:
-        tl.store(out_ptr + offsets, y, mask=inside)
+    _store_dequantized(out_ptr, offsets, y, inside, OUT_BF16)
 
 
 @triton.jit
 def _quantize_activation_kernel(x_ptr, code_ptr, scale_ptr, rows, k, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """ROWS rows x BLOCK columns: ROWS tiles of 1 x BLOCK, one scale each."""
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    tile = tl.program_id(1)
-    c = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
-    inside = (r < rows) & (c < k)
-    offsets = r.to(tl.int64) * k + c
+    offsets, inside, r, scale_offsets = _activation_tiles(rows, k, BLOCK, ROWS)
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     scale = _scale_of(tl.max(tl.abs(x), axis=1))[:, None]
     v = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
     tl.store(code_ptr + offsets, _e4m3_code(v), mask=inside)
-    tl.store(scale_ptr + r.to(tl.int64) * tl.cdiv(k, BLOCK) + tile, scale, mask=r < rows)
+    tl.store(scale_ptr + scale_offsets, scale, mask=r < rows)
 
 
 @triton.jit
 def _dequantize_activation_kernel(code_ptr, scale_ptr, out_ptr, rows, k, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                                   OUT_BF16: tl.constexpr):
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    tile = tl.program_id(1)
-    c = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
-    inside = (r < rows) & (c < k)
-    offsets = r.to(tl.int64) * k + c
-    scale = tl.load(scale_ptr + r.to(tl.int64) * tl.cdiv(k, BLOCK) + tile, mask=r < rows, other=1.0)
+    offsets, inside, r, scale_offsets = _activation_tiles(rows, k, BLOCK, ROWS)
+    scale = tl.load(scale_ptr + scale_offsets, mask=r < rows, other=1.0)
     y = _e4m3_value(tl.load(code_ptr + offsets, mask=inside, other=0)) * scale
-    if OUT_BF16:
-        tl.store(out_ptr + offsets, _bf16_bits(y), mask=inside)
-    else:
-        tl.store(out_ptr + offsets, y, mask=inside)
+    _store_dequantized(out_ptr, offsets, y, inside, OUT_BF16)
 
 
 # --------------------------------------------------------------------------- launchers
