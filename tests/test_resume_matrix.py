@@ -54,9 +54,9 @@ def resume(text_layout_runs, root, source: str, target: str, steps: int = RESUME
     `target` up to step `steps` (at most once a module: some tests share runs)."""
     key = (source, target, steps, checkpoint)
     if key not in _runs:
+        run = os.path.join(root, f"{source}-to-{target}-{steps}" + ("-chained" if checkpoint else ""))
         checkpoint = checkpoint or os.path.join(text_layout_runs(source), "checkpoints", f"iter_{RESUME_AT:07d}")
         nproc, sets = TARGETS[target]
-        run = os.path.join(root, f"{source}-to-{target}-{steps}" + ("-chained" if key[3] else ""))
         # the source's schedule (decay over its 10 steps), not one fitted to this shorter run
         pretrain(nproc, TEXT_COMMON + text_layout_runs.data + sets + [
             f"train.steps={steps}", f"train.scheduler.decay_steps={TEXT_STEPS}", "checkpoint.save_interval=0",

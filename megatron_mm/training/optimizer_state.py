@@ -50,10 +50,14 @@ def _leaves(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
         yield path, tree
 
 
-def _set(tree: Any, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
         tree = tree[key]
-    tree[path[-1]] = value
+    return tree
+
+
+def _set(tree: Any, path: tuple, value: Any) -> None:
+    _get(tree, path[:-1])[path[-1]] = value
 
 
 def _is_sharded(value: Any) -> bool:
@@ -148,9 +152,3 @@ class Request:
                 for param, copy in zip(weights, kept):
                     param.copy_(copy)
             self.optimizer.reload_model_params()
-
-
-def _get(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
