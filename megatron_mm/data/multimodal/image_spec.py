@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-RESIZE_MODES = ("fixed", "shortest_edge")
-RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # Pillow's names; DALI has all four
+from megatron_mm.config import RESAMPLE_FILTERS, RESIZE_MODES, VisionConfig
 
 
 @dataclass(frozen=True)
@@ -66,3 +65,10 @@ class ImageSpec:
         if not self.center_crop:
             return 0, 0
         return (width - self.out_size) // 2, (height - self.out_size) // 2
+
+
+def image_spec(vision: VisionConfig) -> ImageSpec:
+    """The ImageSpec of model.vision (its image_size and preprocess)."""
+    p = vision.preprocess
+    return ImageSpec(vision.image_size, p.resize, p.size, p.center_crop, p.resample, p.rescale_factor,
+                     tuple(p.mean), tuple(p.std))
