@@ -7,8 +7,8 @@ Tolerances (measured 2026-12-07, transformers 5.24, Pillow 13, DALI 2.4 CPU):
   * PyTorch loader: bit-identical images and log-mels (the same operations in the same order).
   * DALI images, in 0-255 pixel levels before normalisation: <= 1 level on smooth images
     (JPEG, RGBA, grey, up- and downscaled); on pixel noise, where Pillow's and DALI's resampling
-    kernels differ most, <= 9 levels max (measured 9.0) and <= 0.5 levels mean (measured 0.40).
-  * DALI log-mels: <= 1e-4 (measured 4.3e-5): DALI's FFT and mel filters against torch's.
+    kernels differ most, <= 9 levels max (measured 8) and <= 0.5 levels mean (measured 0.30).
+  * DALI log-mels: <= 2e-4 (measured 8.7e-5): DALI's FFT and mel filters against torch's.
 A grey + alpha PNG keeps its transparency only in the PyTorch loader (DALI's decoder cannot give
 its alpha channel; loader_dali.py), so the DALI comparison leaves it out.
 """
@@ -40,7 +40,7 @@ from megatron_mm.data.multimodal.samples import MediaSpec  # noqa: E402
 
 dali = pytest.importorskip("megatron_mm.data.multimodal.loader_dali")
 
-SMOOTH_LEVELS, NOISE_LEVELS, NOISE_MEAN_LEVELS, DALI_MEL_TOL = 1.01, 9.01, 0.5, 1e-4
+SMOOTH_LEVELS, NOISE_LEVELS, NOISE_MEAN_LEVELS, DALI_MEL_TOL = 1.01, 9.01, 0.5, 2e-4
 IMAGE_SIZE = 32
 CLIPS_S = {"short": 0.7, "long": 1.3, "over_30s": 31.0}  # against 1 s and 30 s windows
 
