@@ -6,12 +6,21 @@ Reading. Each epoch's remaining samples of this rank (`plan.py`) are handed to t
 index files written for exactly those samples (`shard_index.write_dali_index`), with
 `shard_id=0, num_shards=1`: DALI's own split cannot start mid-shard, and resuming needs that.
 
-Audio. The log-mel is the contract's formula op for op: `fn.spectrogram` (periodic Hann
-window passed in, centred frames, reflect padding, power 2) -> `fn.mel_filter_bank` (Slaney
-scale and area normalisation, 0-8000 Hz) -> log10(max(x, 1e-10)) -> max(x, max(x) - 8) ->
-(x + 4) / 4 -> trim/zero-pad to F frames. The one difference from the reference is the
-resampler: DALI's windowed sinc (`fn.audio_resample`, after our anti-alias filter
-`_antialias`) vs scipy's polyphase filter; they differ only near 8 kHz.
+Images. `image_spec.py`'s steps (transformers' SigLIP/CLIP processors): `fn.decoders.image`
+without EXIF rotation and with libjpeg's fancy upsampling (as Pillow decodes), an RGBA PNG
+composited onto white (`_on_white`), `fn.resize` (fixed, or the shorter side to `size` with the
+longer side computed as the processors do), `fn.slice` for the centre crop (the processors'
+corner, not DALI's rounding), `fn.crop_mirror_normalize` with mean and std divided by
+rescale_factor. DALI's resampling kernels differ from Pillow's by about a grey level on smooth
+images (tests/test_processors.py states the tolerances).
+
+Audio. WhisperFeatureExtractor's log-mel op for op: the waveform zero-padded / cut to F * 160
+samples (`fn.slice`, out_of_bounds_policy="pad") -> `fn.spectrogram` (periodic Hann window
+passed in, centred frames, reflect padding, power 2), its last frame dropped ->
+`fn.mel_filter_bank` (Slaney scale and area normalisation, 0-8000 Hz, M bins) ->
+log10(max(x, 1e-10)) -> max(x, max(x) - 8) -> (x + 4) / 4. The extractor takes 16 kHz only;
+other rates go through DALI's windowed sinc (`fn.audio_resample`, after our anti-alias filter
+`_antialias`), where the PyTorch loader uses scipy's polyphase filter; they differ only near 8 kHz.
 
 Bad samples. DALI fails a whole batch when one sample does not decode (and the pipeline is
 not to be trusted afterwards), so: (1) `shard_index` rejects members whose first bytes are
@@ -55,7 +64,7 @@ def default_device_id() -> Optional[int]:
 
 @pipeline_def(enable_conditionals=True)
 def media_pipeline(paths: list[str], index_paths: list[str], spec: MediaSpec, gpu: bool):
-    """(json bytes, image [3, S, S] float, log-mel [80, F] float) per sample; the image/mel of a
+    """(json bytes, image [3, S, S] float, log-mel [M, F] float) per sample; the image/mel of a
     sample without that member is a zero placeholder (the loader returns None for it)."""
     raw_json, raw_image, raw_audio = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["json", "jpg;png", "wav;flac"],
