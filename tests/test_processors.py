@@ -196,3 +196,27 @@ def test_audio_folder_refused_in_one_line(tmp_path):
         audio_features_from_hf(_write(tmp_path / "b", {"image_processor_type": "SiglipImageProcessor"}))
     with pytest.raises(ConversionError, match="no preprocessor_config.json"):
         audio_features_from_hf(str(tmp_path / "missing"))
+
+
+def test_quickstart_images_unchanged(media):
+    """The quickstart's preprocess (rescale_factor 1, its data set's mean/std on the 0-255 scale)
+    gives the images of the code before the processors, bit for bit: RGB, bilinear resize,
+    (x - mean) / std in float32. The default (SigLIP's x/255, 0.5, 0.5) equals the old default
+    (x - 127.5) / 127.5 to float32 rounding. Opaque images only: transparency is now on white."""
+    from megatron_mm.config import load_config
+    from megatron_mm.data.multimodal.loader_torch import decode_image
+
+    quickstart = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")).model.vision
+    _, images, _ = media
+    for key in ("jpeg_smooth", "grey_smooth", "tiny_smooth", "jpeg_noise", "grey_noise"):
+        with Image.open(io.BytesIO(images[key])) as image:
+            rgb = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+        for vision, mean, std in ((quickstart, quickstart.preprocess.mean, quickstart.preprocess.std),
+                                  (VisionConfig(image_size=IMAGE_SIZE), [127.5] * 3, [127.5] * 3)):
+            before = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+            now = decode_image(images[key], image_spec(vision))
+            if vision is quickstart:
+                assert torch.equal(now, before), key
+            else:
+                assert (now - before).abs().max() <= 2e-7, key
