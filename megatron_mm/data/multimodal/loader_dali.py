@@ -120,7 +120,8 @@ def _image(raw, spec: ImageSpec, gpu: bool):
 def _is_rgba_png(raw):
     """Whether encoded image bytes are a PNG of colour type 6 (RGBA), from its IHDR chunk (byte
     25). Only these are decoded with their alpha: DALI 2.4's CPU decoder crashes the process on a
-    grey + alpha PNG decoded as ANY_DATA (measured), so those lose their transparency here."""
+    grey + alpha PNG decoded as ANY_DATA (measured), so those, and PNGs whose transparency is a
+    tRNS chunk (palette images), lose their transparency here."""
     head = fn.slice(raw, start=[0], shape=[26], axes=[0], out_of_bounds_policy="pad")
     return (head[0] == 0x89) & (head[25] == 6)
 
