@@ -57,7 +57,7 @@ class VisionConfig:
     projector: str = "mlp"  # mlp: one LLM token per patch; resampler: `resampler_tokens` learned queries
     resampler_tokens: int = 8
     # How the loaders make an image file into the encoder's input (the published processors).
-    preprocess: ImagePreprocessConfig = field(default_factory=lambda: ImagePreprocessConfig())
+    preprocess: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
 
     @property
     def num_patches(self) -> int:

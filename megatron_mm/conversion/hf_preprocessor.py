@@ -95,7 +95,7 @@ def image_preprocess_from_hf(folder: str, image_size: int) -> ImagePreprocessCon
     resize, size = _square(path, "size", settings["size"], shortest_edge=True)
     crop = bool(settings["do_center_crop"])
     if crop:
-        _, crop_size = _square(path, "crop_size", settings["crop_size"], shortest_edge=False)
+        _, crop_size = _square(path, "crop_size", settings.get("crop_size"), shortest_edge=False)
     out = crop_size if crop else size
     if resize == "shortest_edge" and not crop:
         raise ConversionError(f"{path}: size={settings['size']} without do_center_crop gives images that are not "

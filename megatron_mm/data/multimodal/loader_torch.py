@@ -19,7 +19,6 @@ import torch
 import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers.image_transforms import convert_to_rgb
 
 from megatron_mm.data.multimodal.loader_base import Decoded, MediaLoader
 from megatron_mm.data.multimodal.melspec import log_mel, resample
@@ -88,6 +87,8 @@ def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
     """[3, out_size, out_size] float32, step for step as transformers' image processors
     (`image_spec.py`): RGB with transparency on white, Pillow resize, centre crop, rescale in
     float64, (x - mean) / std in float32."""
+    from transformers.image_transforms import convert_to_rgb  # here: importing transformers costs ~1.5 s
+
     with Image.open(io.BytesIO(data)) as image:
         rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
     rgb = rgb.resize(spec.resized(*rgb.size), _PIL_FILTERS[spec.resample])
