@@ -73,8 +73,10 @@ class VisionConfig:
 class AudioConfig:
     """Whisper-style encoder over log-mel frames on pipeline stage 0, and its projector."""
 
-    num_mel_bins: int = 80
-    max_frames: int = 100  # 10 ms frames: 100 = 1 s of 16 kHz audio
+    num_mel_bins: int = 80  # Whisper's feature_size: 80, or 128 (large-v3)
+    # The window every clip is zero-padded or cut to before its log-mel (WhisperFeatureExtractor's
+    # max_length), in 10 ms frames: 100 = 1 s; Whisper's 30 s chunk is 3000 = max_source_positions * 2.
+    max_frames: int = 100
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
