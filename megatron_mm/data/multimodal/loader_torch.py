@@ -1,6 +1,7 @@
 """The plain PyTorch media loader: a DataLoader over the `webdataset` library, Pillow (images
-exactly as transformers' Siglip/CLIP image processors) and torch (Whisper's log-mel, `melspec.py`). It is the fallback where DALI is missing and the reference the DALI
-loader is checked against (same plan, so same keys in the same order).
+exactly as transformers' Siglip/CLIP image processors) and torch (Whisper's log-mel,
+`melspec.py`). It is the fallback where DALI is missing and the reference the DALI loader is
+checked against (same plan, so same keys in the same order).
 
 Each DataLoader worker streams the epoch's tars with `webdataset` (tarfile underneath) and
 decodes every W-th sample (worker w takes entries w, w+W, ...); the DataLoader hands results
@@ -19,6 +20,7 @@ import torch
 import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers.image_transforms import convert_to_rgb
 
 from megatron_mm.data.multimodal.loader_base import Decoded, MediaLoader
 from megatron_mm.data.multimodal.melspec import log_mel, resample
@@ -87,8 +89,6 @@ def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
     """[3, out_size, out_size] float32, step for step as transformers' image processors
     (`image_spec.py`): RGB with transparency on white, Pillow resize, centre crop, rescale in
     float64, (x - mean) / std in float32."""
-    from transformers.image_transforms import convert_to_rgb  # here: importing transformers costs ~1.5 s
-
     with Image.open(io.BytesIO(data)) as image:
         rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
     rgb = rgb.resize(spec.resized(*rgb.size), _PIL_FILTERS[spec.resample])

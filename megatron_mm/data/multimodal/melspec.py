@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from scipy.signal import resample_poly
+from transformers.audio_utils import mel_filter_bank
 
 from megatron_mm.data.multimodal.samples import DYNAMIC_RANGE, HOP, LOG_FLOOR, MEL_FMAX, N_FFT, SAMPLE_RATE
 
@@ -24,8 +25,6 @@ from megatron_mm.data.multimodal.samples import DYNAMIC_RANGE, HOP, LOG_FLOOR, M
 @lru_cache(maxsize=4)
 def mel_filters(n_mels: int) -> torch.Tensor:
     """[n_mels, n_fft // 2 + 1] float32, as WhisperFeatureExtractor(feature_size=n_mels) holds them."""
-    from transformers.audio_utils import mel_filter_bank  # here: importing transformers costs ~1.5 s
-
     bank = mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
                            max_frequency=MEL_FMAX, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
     return torch.from_numpy(bank).to(torch.float32).T.contiguous()

@@ -96,17 +96,20 @@ def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, positio
                 device_id: Optional[int], log=print) -> MultimodalBatches:
     """The configured loader (`data.loader`) over `shards` for this data-parallel rank, from
     `position`, formatted and packed for the model. `device_id`: the GPU DALI decodes on."""
-    from megatron_mm.data.multimodal.loader_dali import DaliMediaLoader
-    from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
-
     m, d = cfg.model, cfg.data
     spec = MediaSpec(**(dict(image=image_spec(m.vision)) if m.vision else {}),
                      **(dict(mel_frames=m.audio.max_frames, mel_bins=m.audio.num_mel_bins) if m.audio else {}))
     common = dict(spec=spec, dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
                   cache_dir=os.path.join(os.path.expanduser(d.cache_dir), "shard-index"), log=log)
+    # Each loader module is imported only when chosen: DALI's takes ~1 s, the PyTorch one's
+    # transformers ~1.5 s (imported here, in the main process, its DataLoader workers inherit it).
     if d.loader == "dali":
+        from megatron_mm.data.multimodal.loader_dali import DaliMediaLoader
+
         loader = DaliMediaLoader(shards, batch_size=32, num_threads=d.loader_threads, device_id=device_id, **common)
     else:
+        from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
+
         loader = TorchMediaLoader(shards, num_workers=0, **common)
     formatter = TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
                               num_audio_tokens=m.audio.num_tokens if m.audio else 1)
