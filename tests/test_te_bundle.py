@@ -180,23 +180,23 @@ def test_a_container_without_the_architecture_is_refused_unchanged(tmp_path):
 
 
 def test_download_and_install_offline(tmp_path, capsys):
-    """download through pip (a local --find-links index) and a file:// JSON index for the source
+    """download through pip (a local --find-links index) and a file:// Simple API page for the source
     package, then install: wheels into --target, the PyTorch extension's build refused with the
     reason on a CPU torch, and the smoke test reporting why it did not run."""
     index = tmp_path / "index"
-    index.mkdir()
-    sdist = index / "transformer_engine_torch-2.20.2.tar.gz"
+    (index / "transformer-engine-torch").mkdir(parents=True)
+    sdist = index / "transformer-engine-torch" / "transformer_engine_torch-2.20.2.tar.gz"
     sdist.write_bytes(b"not really a source package")
-    release = {"urls": [{"packagetype": "sdist", "filename": sdist.name, "url": sdist.as_uri(),
-                         "digests": {"sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()}}]}
-    (index / "json").write_text(json.dumps(release))
+    page = {"files": [{"filename": sdist.name, "url": sdist.name,  # relative to the page, as PyPI's may be
+                       "hashes": {"sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()}}]}
+    (index / "transformer-engine-torch" / "index.json").write_text(json.dumps(page))
     lib, _ = build_library(str(tmp_path))
     build_wheel(str(index), lib)
     out = tmp_path / "bundle"
     module = _te_bundle()
     module.PACKAGES["te"] = ["transformer-engine-cu13==0.0.1"]  # this module object only
     capsys.readouterr()
-    code = module.main(["download", "--out", str(out), "--group", "te", "--index", (index / "json").as_uri(),
+    code = module.main(["download", "--out", str(out), "--group", "te", "--index", index.as_uri() + "/{name}/index.json",
                         "--pip-arg=--no-index", f"--pip-arg=--find-links={index}"])
     stdout = capsys.readouterr().out
     report = json.loads(stdout.strip().splitlines()[-1])

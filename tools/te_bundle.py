@@ -10,7 +10,7 @@ install it there offline and try it.
 
 `download` takes Python 3.12 / manylinux x86_64 wheels, pinned (PACKAGES; the GPU machines
 here have Python 3.12 and torch 2.11 for CUDA 13), with `pip download --no-deps`; the
-`transformer-engine-torch` source package comes from PyPI's JSON API (sha256 checked), since
+`transformer-engine-torch` source package comes through PyPI's Simple API (sha256 checked), since
 `pip download` of it runs its setup.py, which needs a CUDA torch. `slim` strips each shared
 library of the core wheel and keeps, in every fat binary container, only the entries of
 `--arch` (megatron_mm/bundle/fatbin.py: sm_90 keeps sm_90 and sm_90a). `install` installs the
@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 
@@ -57,7 +58,7 @@ SDISTS = {"te": ("transformer-engine-torch", TE_VERSION)}  # source only on PyPI
 PLATFORM = ["--python-version", "3.12", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
             "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
             "--platform", "manylinux2014_x86_64"]
-PYPI_JSON = "https://pypi.org/pypi/{name}/{version}/json"
+SIMPLE_INDEX = "https://pypi.org/simple/{name}/"
 CORE_WHEEL = "transformer_engine_cu*.whl"
 
 
@@ -77,21 +78,25 @@ def bundle_sizes(folder: str) -> dict:
 
 # --------------------------------------------------------------------------- download
 
-def fetch_sdist(name: str, version: str, out: str, index: str = PYPI_JSON) -> str:
-    """The source package of name==version from PyPI's JSON API into `out`, its sha256 checked."""
-    with urllib.request.urlopen(index.format(name=name, version=version), timeout=60) as r:
-        release = json.load(r)
-    sdist = next((u for u in release["urls"] if u["packagetype"] == "sdist"), None)
+def fetch_sdist(name: str, version: str, out: str, index: str = SIMPLE_INDEX) -> str:
+    """The source package of name==version into `out`, found through the index's Simple API in
+    its JSON form (PEP 691, what pip reads), its sha256 checked against the index's."""
+    request = urllib.request.Request(index.format(name=name), headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        files = json.load(r)["files"]
+    filename = f"{name.replace('-', '_')}-{version}.tar.gz"
+    sdist = next((f for f in files if f["filename"] == filename), None)
     if sdist is None:
-        raise SystemExit(f"te_bundle: {name}=={version} has no source package on the index")
-    path = os.path.join(out, sdist["filename"])
-    with urllib.request.urlopen(sdist["url"], timeout=300) as r, open(path + ".partial", "wb") as f:
+        raise SystemExit(f"te_bundle: {index.format(name=name)} lists no {filename}")
+    path = os.path.join(out, filename)
+    with urllib.request.urlopen(urllib.parse.urljoin(index.format(name=name), sdist["url"]), timeout=300) as r, \
+            open(path + ".partial", "wb") as f:
         shutil.copyfileobj(r, f)
     with open(path + ".partial", "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != sdist["digests"]["sha256"]:
+    if digest != sdist["hashes"]["sha256"]:
         os.remove(path + ".partial")
-        raise SystemExit(f"te_bundle: {sdist['filename']}: sha256 {digest} is not the index's {sdist['digests']['sha256']}")
+        raise SystemExit(f"te_bundle: {filename}: sha256 {digest} is not the index's {sdist['hashes']['sha256']}")
     os.replace(path + ".partial", path)
     return path
 
@@ -142,26 +147,17 @@ def slim(args) -> dict:
 
 # --------------------------------------------------------------------------- verify
 
-def find_cuobjdump(bundle: str | None, tmp: str) -> str | None:
-    """cuobjdump: on PATH, from an installed nvidia-cuda-cuobjdump wheel, or unpacked from one in the bundle."""
+def find_cuobjdump() -> str | None:
+    """cuobjdump: on PATH, or from the nvidia-cuda-cuobjdump wheel (setup.py's dev extra, 0.3 MB)."""
     found = shutil.which("cuobjdump")
     if found:
         return found
     try:
         import nvidia.cu13  # the nvidia-cuda-cuobjdump wheel's package
-        candidate = os.path.join(list(nvidia.cu13.__path__)[0], "bin", "cuobjdump")
-        if os.path.isfile(candidate):
-            return candidate
     except ImportError:
-        pass
-    for path in glob.glob(os.path.join(bundle or "", "nvidia_cuda_cuobjdump-*.whl")):
-        with zipfile.ZipFile(path) as z:
-            member = next(n for n in z.namelist() if n.endswith("bin/cuobjdump"))
-            z.extract(member, tmp)
-        out = os.path.join(tmp, member)
-        os.chmod(out, 0o755)
-        return out
-    return None
+        return None
+    candidate = os.path.join(list(nvidia.cu13.__path__)[0], "bin", "cuobjdump")
+    return candidate if os.path.isfile(candidate) else None
 
 
 def cuobjdump_listing(cuobjdump: str, library: str) -> dict[str, int]:
@@ -181,7 +177,7 @@ def verify(args) -> dict:
     archs = set(args.arch)
     report, problems = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        cuobjdump = None if args.no_cuobjdump else args.cuobjdump or find_cuobjdump(args.bundle, tmp)
+        cuobjdump = None if args.no_cuobjdump else args.cuobjdump or find_cuobjdump()
         for path in sorted(glob.glob(os.path.join(args.bundle, CORE_WHEEL))):
             with zipfile.ZipFile(path) as z:
                 libraries = [n for n in z.namelist() if ".so" in os.path.basename(n)]
@@ -223,7 +219,6 @@ def torch_cuda_version() -> str | None:
 def install(args) -> dict:
     os.makedirs(args.target, exist_ok=True)
     wheels = sorted(glob.glob(os.path.join(args.bundle, "*.whl")))
-    wheels = [w for w in wheels if not os.path.basename(w).startswith("nvidia_cuda_cuobjdump")]
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", args.target] + wheels
     say("$ " + " ".join(cmd))
     subprocess.run(cmd, check=True)
@@ -313,7 +308,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("download", help="pinned wheels (+ TE's PyTorch source package) into --out")
     p.add_argument("--out", required=True)
     p.add_argument("--group", action="append", choices=sorted(PACKAGES), help="default: runtime and te")
-    p.add_argument("--index", default=PYPI_JSON, help="JSON API URL pattern for source packages")
+    p.add_argument("--index", default=SIMPLE_INDEX, help="Simple API page of a project ({name}) for source packages")
     p.add_argument("--pip-arg", action="append", default=[], help="extra pip download argument (e.g. --no-index)")
     for name, help_text in (("slim", "strip the core wheel and keep only --arch"),
                             ("verify", "check what the core wheel holds"),
