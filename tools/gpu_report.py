@@ -146,6 +146,8 @@ def planner_estimate_gib(config: str, overrides: list[str]) -> float:
 
 def benchmark(ctx, overrides: list[str], hide_te: bool) -> dict:
     """tools/benchmark.py once, as a subprocess: the numbers this report keeps."""
+    if not ctx.smoke and ctx.device == "cpu":
+        return {"skipped": "no GPU: the V2-Lite-shape model needs one (--cpu-smoke runs a toy model on CPU)"}
     needs = 15 if ctx.smoke else 75
     if reason := ctx.budget.refuse(needs):
         return {"skipped": reason}
@@ -330,24 +332,25 @@ def markdown(report: dict) -> str:
 
 
 class Context:
+    """What the parts share: mode, budget, config, device, scratch folders, earlier parts' results."""
+
     def __init__(self, args, tmp: str):
         import torch
 
-        self.smoke, self.tmp, self.results = args.cpu_smoke, tmp, {}
+        self.smoke, self.results = args.cpu_smoke, {}
         self.budget = Budget(args.budget_s)
         self.config = SMOKE_CONFIG if self.smoke else BENCH_CONFIG
         self.settings = SMOKE_SETTINGS if self.smoke else []
         self.steps, self.warmup = (1, 1) if self.smoke else (args.steps, args.warmup)
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() and not self.smoke else "cpu"
-        self.device = name
-        self.cluster = HOPPER_CLUSTER if re.search(r"H100|H200|H800|GH200", name) else None
-        self.hide_te_dir = os.path.join(tmp, "hide_te")
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() and not self.smoke else "cpu"
+        self.cluster = HOPPER_CLUSTER if re.search(r"H100|H200|H800|GH200", self.device) else None
+        self.data_tmp = tmp  # fixture shards and their index cache
+        self.tmp = os.path.join(tmp, "runs")  # one run folder a benchmark
+        os.makedirs(self.tmp)
+        self.hide_te_dir = os.path.join(tmp, "hide_te")  # first on the path of the portable runs
         os.makedirs(os.path.join(self.hide_te_dir, "transformer_engine"))
         with open(os.path.join(self.hide_te_dir, "transformer_engine", "__init__.py"), "w") as f:
             f.write(HIDE_TE)
-        os.makedirs(os.path.join(tmp, "runs"))
-        self.tmp = os.path.join(tmp, "runs")
-        self.data_tmp = tmp
 
 
 def main(argv=None) -> int:
