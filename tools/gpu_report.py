@@ -292,7 +292,7 @@ def markdown(report: dict) -> str:
              f"    {report['command']}", ""]
     g = p["gemm"]
     lines.append(f"* GEMM ceiling: {g['skipped']}" if "skipped" in g else
-                 f"* GEMM ceiling, {g['dtype']} {'x'.join(map(str, g['shape']))}: {fmt(g['tflops'])} TFLOP/s")
+                 f"* GEMM ceiling, {g['dtype']} {'x'.join(map(str, g['shape']))}: {g['tflops']:.4g} TFLOP/s")
     rows = []
     for part, names in (("benchmark", VARIANTS), ("te", TE_RECIPES)):
         variants = p[part].get("variants", {}) if "skipped" not in p[part] else {}
@@ -313,6 +313,10 @@ def markdown(report: dict) -> str:
         lines.append(f"* Benchmark: {p['benchmark']['skipped']}")
     if "skipped" in p["te"]:
         lines.append(f"* Transformer Engine: {p['te']['skipped']}")
+    else:
+        smoke = {k: v.get("relative_error", v.get("error")) for k, v in p["te"]["smoke"].items() if isinstance(v, dict)}
+        lines.append(f"* Transformer Engine {p['te']['smoke'].get('te_version')}: te.Linear relative error "
+                     f"against fp32, per recipe: {smoke}")
     if rows:
         lines += ["", f"Benchmark ({p['benchmark'].get('config')}, shipped: {p['benchmark'].get('shipped')}):", "",
                   "| variant | tokens/s | MFU | peak / planner GiB | step s | loss vs portable (max rel.) |",
