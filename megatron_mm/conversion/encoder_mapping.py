@@ -363,3 +363,79 @@ def expected_megatron_shapes(kind: str, cfg) -> dict[str, tuple]:
                        f"{layer}mlp.linear_fc1.weight": (f, h), f"{layer}mlp.linear_fc1.bias": (f,),
                        f"{layer}mlp.linear_fc2.weight": (h, f), f"{layer}mlp.linear_fc2.bias": (h,)})
     return {prefix + k: v for k, v in shapes.items()}
+
+
+# --------------------------------------------------------------------------- projectors
+
+
+def projector_shapes(kind: str, cfg, llm_hidden: int) -> dict[str, tuple]:
+    """The projector's (and resampler's) megatron tensors: none of them exists in a HF encoder."""
+    h = cfg.hidden_size
+    shapes = {"projector.linear_fc1.weight": (llm_hidden, h), "projector.linear_fc1.bias": (llm_hidden,),
+              "projector.linear_fc2.weight": (llm_hidden, llm_hidden), "projector.linear_fc2.bias": (llm_hidden,)}
+    if kind == "vision" and cfg.projector == "resampler":
+        shapes.update({"resampler.queries": (cfg.resampler_tokens, h), "resampler.norm.weight": (h,),
+                       "resampler.norm.bias": (h,),
+                       "resampler.attention.linear_q.weight": (h, h), "resampler.attention.linear_q.bias": (h,),
+                       "resampler.attention.linear_kv.weight": (2 * h, h), "resampler.attention.linear_kv.bias": (2 * h,),
+                       "resampler.attention.linear_proj.weight": (h, h), "resampler.attention.linear_proj.bias": (h,)})
+    return {f"{kind}.{k}": v for k, v in shapes.items()}
+
+
+def fresh_projector(kind: str, cfg, llm_hidden: int, std: float, seed: int, dtype: torch.dtype
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Freshly initialised projector tensors, as megatron-core initialises them (weights and
+    queries N(0, std), biases 0, norm weights 1), each drawn from a generator seeded by `seed`
+    and its name alone: the same under any layout."""
+    import zlib
+
+    for name, shape in projector_shapes(kind, cfg, llm_hidden).items():
+        if name.endswith("bias"):
+            tensor = torch.zeros(shape)
+        elif name.endswith("norm.weight"):
+            tensor = torch.ones(shape)
+        else:
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            tensor = torch.empty(shape).normal_(0.0, std, generator=generator)
+        yield name, tensor.to(dtype)
+
+
+# --------------------------------------------------------------------------- export
+
+
+FOLDERS = {"vision": "vision_encoder", "audio": "audio_encoder"}  # subfolders convert_to_hf writes
+
+
+def stacked_reader(read: Getter) -> Getter:
+    """`get(per-layer name)` over a reader of the dist checkpoint's stacked keys; keeps the
+    stacked tensors it has read (one encoder's worth), as layers are asked for one by one."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        key, index = layer_of(name)
+        if index is None:
+            return read(key)
+        if key not in cache:
+            cache[key] = read(key)
+        return cache[key][index]
+
+    return get
+
+
+def write_hf_encoder(kind: str, cfg, get: Getter, folder: str, dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Write the encoder as a transformers folder (config.json + model.safetensors) that
+    `SiglipVisionModel` / `CLIPVisionModel` / `WhisperEncoder.from_pretrained` loads; `get`
+    reads megatron tensors by per-layer name. Returns the megatron keys it consumed."""
+    from megatron_mm.conversion.safetensors_io import ShardWriter
+
+    os.makedirs(folder, exist_ok=True)
+    items = list(to_hf(kind, cfg, get))  # one encoder in memory (the stacked layers are read whole anyway)
+    plan = [(name, tuple(t.shape), dtype or t.dtype) for name, t in items]
+    writer = ShardWriter(os.path.join(folder, "model.safetensors"), plan, metadata={"format": "pt"})
+    for name, tensor in items:
+        writer.write(name, tensor if dtype is None else tensor.to(dtype))
+    writer.close()
+    config = hf_vision_config(cfg) if kind == "vision" else hf_audio_config(cfg)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return sorted({layer_of(name)[0] for name in expected_megatron_shapes(kind, cfg)})

@@ -4,7 +4,10 @@
 under the current tensor-parallel state, loads the HF weights through conversion/encoder_mapping
 (each rank its slice), runs both and returns the relative max difference of each. Run by
 torchrun (`python -m torch.distributed.run --nproc_per_node=2 tests/helpers/encoders_vs_hf.py OUT`)
-it compares under TP = the world size and rank 0 writes the differences as JSON to OUT.
+it compares under TP1 and then TP = the world size, and rank 0 writes {"tp1": {case: diff},
+"tp2": ..., "control": diff} as JSON to OUT. (One process group for both: compat.apply changes
+the process for good, so it does not run inside pytest's.) `control` is the difference between
+two different layers' outputs, which the comparison must be able to tell apart.
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def hf_reference(kind: str, folder: str, inputs: torch.Tensor, target: str) -> t
         model = {"siglip": T.SiglipVisionModel, "clip": T.CLIPVisionModel}[kind].from_pretrained(folder)
     with torch.no_grad():
         out = model.eval()(inputs, output_hidden_states=True)
-    hidden_states, last_hidden_state = out.hidden_states, out.last_hidden_state  # noqa: F841 (in `target`)
-    return eval(target)  # one of CASES' expressions
+    names = {"hidden_states": out.hidden_states, "last_hidden_state": out.last_hidden_state}
+    return eval(target, {}, names)  # one of CASES' expressions
 
 
 def load_hf_weights(module: torch.nn.Module, full: dict[str, torch.Tensor], prefix: str) -> None:
@@ -122,7 +125,7 @@ def features_vs_hf(tmp: str) -> dict[str, float]:
     for case, (choices, target) in CASES.items():
         kind = case.split("_")[0]
         folder = os.path.join(tmp, kind)
-        if ps.get_tensor_model_parallel_rank() == 0 and not os.path.exists(folder):
+        if torch.distributed.get_rank() == 0 and not os.path.exists(folder):
             tiny_hf(kind, folder)
         torch.distributed.barrier()
         part = "audio" if kind == "whisper" else "vision"
@@ -147,26 +150,36 @@ def features_vs_hf(tmp: str) -> dict[str, float]:
         want = hf_reference(kind, folder, inputs, target)
         assert got.shape == want.shape, (case, got.shape, want.shape)
         diffs[case] = float((got - want).abs().max() / want.abs().max())
+        if case == "siglip_penultimate":
+            last = hf_reference(kind, folder, inputs, "hidden_states[-1]")
+            diffs["control"] = float((got - last).abs().max() / last.abs().max())
     return diffs
 
 
 def main() -> None:
+    from megatron.core import parallel_state
+
+    from megatron_mm.config import ParallelConfig
     from megatron_mm.runtime import compat
     from megatron_mm.runtime import distributed as runtime
-    from megatron_mm.config import ParallelConfig
 
     compat.before_megatron_import()
     env = runtime.dist_env()
     hardware = runtime.detect_hardware()
     runtime.init_distributed(env, hardware)
-    runtime.init_model_parallel(ParallelConfig(tp=env.world_size))
     compat.apply(hardware)
-    compat.seed_everything(0)
     out = sys.argv[1]
-    diffs = features_vs_hf(os.path.dirname(out))
+    results = {}
+    for tp in sorted({1, env.world_size}):
+        runtime.init_model_parallel(ParallelConfig(tp=tp))
+        compat.seed_everything(0)
+        diffs = features_vs_hf(os.path.dirname(out))
+        results["control"] = diffs.pop("control")
+        results[f"tp{tp}"] = diffs
+        parallel_state.destroy_model_parallel()
     if env.rank == 0:
         with open(out, "w") as f:
-            json.dump(diffs, f)
+            json.dump(results, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
