@@ -9,8 +9,9 @@ from (`--set checkpoint.load=OUT`) under any layout.
 --vision takes a SiglipVisionModel / CLIPVisionModel folder or a dual-tower SiglipModel /
 CLIPModel folder (its vision tower); --audio a Whisper folder (its encoder). Their shapes come
 from their config.json; which layer feeds the projector and whether CLIP's class token is kept
-from --config/--set (model.vision.feature_layer, model.vision.keep_class_token; LLaVA with CLIP:
--2 and false); their projectors are freshly initialised from --seed (default train.seed).
+from --config and --set model.vision.KEY=VALUE (model.vision.feature_layer,
+model.vision.keep_class_token; LLaVA with CLIP: -2 and false); their projectors are freshly
+initialised from --seed (default train.seed).
 
 The model shape comes from config.json (a folder written by convert_to_hf also brings our
 training settings and encoders); the MTP depth from the weights: a folder without MTP tensors
@@ -63,12 +64,16 @@ def main(argv=None) -> int:
     from megatron_mm.conversion.from_hf import convert_from_hf
 
     def convert() -> dict:
-        base = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+        imported = tuple(f"model.{kind}." for kind, folder in (("vision", args.vision), ("audio", args.audio)) if folder)
+        encoder_overrides = [o for o in args.overrides if imported and o.startswith(imported)]
+        overrides = [o for o in args.overrides if o not in encoder_overrides]
+        base = load_config(args.config, overrides) if (args.config or overrides) else None
         parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
                                   sequence_parallel=args.tp > 1)
         return convert_from_hf(args.hf, args.out, parallel, base, dtype=torch_dtype(args.dtype),
                                iteration=args.iteration, progress=not args.no_progress, mtp_layers=args.mtp_layers,
-                               seed=args.seed, vision=args.vision, audio=args.audio)
+                               seed=args.seed, vision=args.vision, audio=args.audio,
+                               encoder_overrides=encoder_overrides)
 
     return run_conversion(convert)
 

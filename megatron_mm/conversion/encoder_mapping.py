@@ -439,3 +439,25 @@ def write_hf_encoder(kind: str, cfg, get: Getter, folder: str, dtype: Optional[t
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return sorted({layer_of(name)[0] for name in expected_megatron_shapes(kind, cfg)})
+
+
+def with_choices(kind: str, enc, overrides: list[str], folder: str):
+    """`enc` with `model.<kind>.KEY=VALUE` overrides of its training choices (feature layer,
+    class token, projector, ...) applied; the shape is the folder's and cannot be overridden."""
+    from megatron_mm.config import _set_dotted
+
+    tree = dataclasses.asdict(enc)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        field = key.strip()[len(f"model.{kind}."):]
+        if field in _SHAPE_FIELDS[kind]:
+            raise ConversionError(f"--set {key.strip()}: the {kind} encoder's {field} comes from {folder}/config.json")
+        try:
+            _set_dotted(tree, field, raw.strip())
+        except ConfigError as err:
+            raise ConversionError(str(err)) from None
+    cls = VisionConfig if kind == "vision" else AudioConfig
+    try:
+        return _build(cls, tree, f"model.{kind}")
+    except ConfigError as err:
+        raise ConversionError(str(err)) from None

@@ -194,14 +194,16 @@ def check_hf_tensors(reader: HFFolderReader | fp8.DequantizingReader, m) -> None
 def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None, base: Optional[Config] = None,
                     dtype: Optional[torch.dtype] = None, iteration: int = 0, progress: bool = True,
                     mtp_layers: Optional[int] = None, seed: Optional[int] = None,
-                    vision: Optional[str] = None, audio: Optional[str] = None) -> dict:
+                    vision: Optional[str] = None, audio: Optional[str] = None,
+                    encoder_overrides: Optional[list[str]] = None) -> dict:
     """Write `out/iter_{iteration}` + the tracker; `base` supplies the non-model sections of the
     stored config (and, if given, must agree with config.json on the model shape).
     `mtp_layers`: see `resolve_mtp`; fresh modules are drawn with `seed` (default: the stored
     config's train.seed). `vision` / `audio`: a SigLIP or CLIP folder / a Whisper folder whose
     encoder joins the language model (encoder_mapping.py); their projectors are drawn fresh with
     the same seed; the encoder's training choices (feature layer, projector, ...) come from
-    `base`'s model.vision / model.audio when it has them."""
+    `base`'s model.vision / model.audio when it has them, then `encoder_overrides`
+    (`model.vision.KEY=VALUE` / `model.audio.KEY=VALUE`)."""
     m, ours = model_config(hf)
     imported = {}
     for kind, folder in (("vision", vision), ("audio", audio)):
@@ -212,6 +214,8 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         choices = getattr(base.model, kind) if base is not None else None
         read = encoder_mapping.vision_config_from_hf if kind == "vision" else encoder_mapping.audio_config_from_hf
         enc = read(folder, choices)
+        mine = [o for o in encoder_overrides or [] if o.startswith(f"model.{kind}.")]
+        enc = encoder_mapping.with_choices(kind, enc, mine, folder) if mine else enc
         m = dataclasses.replace(m, **{kind: enc})
         imported[kind] = encoder_mapping.EncoderFolder(folder, kind, enc, HFFolderReader(folder))
     reader = fp8.reader_for(HFFolderReader(hf), read_hf_config(hf)[0], dtype)  # FP8 weights read dequantized

@@ -231,7 +231,7 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"), "do_sample": False}, f, indent=2)
     placeholders = {k: ids[k] for k in ("image", "audio") if k in ids}
-    if encoder_folders:
+    if encoder_folders and token_path:  # (--tokenizer none: no placeholder ids to give)
         missing = [k for k, enc in (("image", m.vision), ("audio", m.audio)) if enc is not None and k not in ids]
         if missing:
             raise ConversionError(f"tokenizer {token_path}: no placeholder piece for {missing} (a multimodal "
