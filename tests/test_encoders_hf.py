@@ -17,9 +17,8 @@ from safetensors import safe_open
 
 from conftest import ROOT, free_port, tool
 from helpers.encoders_vs_hf import tiny_hf
-from megatron_mm.config import ConfigError, Hardware, ParallelConfig, load_config, validate
+from megatron_mm.config import ConfigError, Hardware, load_config, validate
 from megatron_mm.conversion.dcp import DistCheckpointReader
-from megatron_mm.conversion.from_hf import convert_from_hf
 from megatron_mm.conversion.to_hf import convert_to_hf
 
 # fp32 on CPU; observed <= 2.5e-7 (TP2 sums the row-parallel halves in another order)
