@@ -46,14 +46,22 @@ class ImagePreprocessConfig:
 
 @dataclass
 class VisionConfig:
-    """SigLIP-style ViT on pipeline stage 0 and its projector into the LLM hidden size."""
+    """A SigLIP or CLIP vision tower on pipeline stage 0 and its projector into the LLM hidden size."""
 
+    arch: str = "siglip"  # siglip (SiglipVisionModel) | clip (CLIPVisionModel: class token, pre-LayerNorm)
     image_size: int = 32  # images are resized to image_size x image_size
     patch_size: int = 8
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     ffn_hidden_size: int = 128
+    layer_norm_eps: float = 1e-6  # SigLIP 1e-6, CLIP 1e-5 (config.json's layer_norm_eps)
+    # Which hidden state feeds the projector, counted as transformers' `hidden_states` (and
+    # LLaVA's `vision_feature_layer`): -1 the last layer's output, -2 the penultimate (LLaVA
+    # with CLIP); layers after it are kept (for export) but frozen and not run.
+    feature_layer: int = -1
+    post_layernorm: bool = False  # apply the tower's post-LayerNorm (SigLIP's last_hidden_state); needs feature_layer -1
+    keep_class_token: bool = False  # CLIP: keep the class token among the features (LLaVA drops it)
     projector: str = "mlp"  # mlp: one LLM token per patch; resampler: `resampler_tokens` learned queries
     resampler_tokens: int = 8
     # How the loaders make an image file into the encoder's input (the published processors).
@@ -64,15 +72,21 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_features(self) -> int:
+        """Encoder outputs an image gives the projector (or the resampler)."""
+        return self.num_patches + (1 if self.arch == "clip" and self.keep_class_token else 0)
+
+    @property
     def num_tokens(self) -> int:
         """LLM positions one image occupies."""
-        return self.resampler_tokens if self.projector == "resampler" else self.num_patches
+        return self.resampler_tokens if self.projector == "resampler" else self.num_features
 
 
 @dataclass
 class AudioConfig:
-    """Whisper-style encoder over log-mel frames on pipeline stage 0, and its projector."""
+    """A Whisper encoder over log-mel frames on pipeline stage 0, and its projector."""
 
+    arch: str = "whisper"  # WhisperEncoder: two GELU convolutions, fixed sinusoidal positions, final LayerNorm
     num_mel_bins: int = 80  # Whisper's feature_size: 80, or 128 (large-v3)
     # The window every clip is zero-padded or cut to before its log-mel (WhisperFeatureExtractor's
     # max_length), in 10 ms frames: 100 = 1 s; Whisper's 30 s chunk is 3000 = max_source_positions * 2.
@@ -82,6 +96,7 @@ class AudioConfig:
     num_attention_heads: int = 4
     ffn_hidden_size: int = 128
     pool: int = 4  # average-pool the encoder's frames by this factor before projecting
+    layer_norm_eps: float = 1e-5  # Whisper's LayerNorm (torch's default)
 
     @property
     def num_frames(self) -> int:
@@ -596,6 +611,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
             continue
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             rule(getattr(enc, name) >= 1, f"{prefix}.{name}", getattr(enc, name), "must be at least 1")
+        rule(enc.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", enc.layer_norm_eps, "must be positive")
         if enc.num_attention_heads >= 1:
             rule(enc.hidden_size % enc.num_attention_heads == 0, f"{prefix}.hidden_size", enc.hidden_size,
                  f"must be divisible by {prefix}.num_attention_heads={enc.num_attention_heads}")
@@ -628,8 +644,19 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         for name, values in (("mean", pre.mean), ("std", pre.std)):
             rule(len(values) == 3, f"{key}.{name}", values, "must have 3 values (R, G, B)")
         rule(all(v > 0 for v in pre.std), f"{key}.std", pre.std, "must be positive")
+        rule(vis.arch in ("siglip", "clip"), "model.vision.arch", vis.arch, "must be siglip or clip")
+        rule(vis.num_layers < 1 or (-vis.num_layers <= vis.feature_layer <= vis.num_layers and vis.feature_layer != 0),
+             "model.vision.feature_layer", vis.feature_layer,
+             f"must select a layer: 1..{vis.num_layers} or -1..-{vis.num_layers} (model.vision.num_layers={vis.num_layers})")
+        rule(not vis.post_layernorm or vis.feature_layer in (-1, vis.num_layers), "model.vision.post_layernorm",
+             vis.post_layernorm, f"needs the last layer's features (model.vision.feature_layer={vis.feature_layer})")
+        rule(not vis.keep_class_token or vis.arch == "clip", "model.vision.keep_class_token", vis.keep_class_token,
+             f"only CLIP has a class token (model.vision.arch={vis.arch})")
     if aud is not None:
         rule(aud.num_mel_bins >= 1, "model.audio.num_mel_bins", aud.num_mel_bins, "must be at least 1")
+        rule(aud.arch == "whisper", "model.audio.arch", aud.arch, "must be whisper")
+        rule(aud.max_frames % 2 == 0, "model.audio.max_frames", aud.max_frames,
+             "must be even (Whisper: twice the positions after the stride-2 convolution)")
         rule(aud.pool >= 1 and aud.max_frames >= 1 and aud.num_tokens >= 1, "model.audio.max_frames", aud.max_frames,
              f"leaves no audio token after the stride-2 convolution and pooling by model.audio.pool={aud.pool}")
     mm_source = cfg.data.source in MULTIMODAL_SOURCES

@@ -81,10 +81,18 @@ def _square(path: str, key: str, value: Any, shortest_edge: bool) -> tuple[str, 
                           + (" or {shortest_edge}" if shortest_edge else ""))
 
 
-def image_preprocess_from_hf(folder: str, image_size: int) -> ImagePreprocessConfig:
+def image_preprocess_from_hf(folder: str, image_size: int, arch: str | None = None) -> ImagePreprocessConfig:
     """model.vision.preprocess for the SigLIP or CLIP encoder in `folder`, whose input is
-    `image_size` square (its config's image_size); refused when its processor makes another size."""
-    path, kind, data = _read(folder)
+    `image_size` square (its config's image_size); refused when its processor makes another size.
+    A folder without preprocessor_config.json (a tower saved alone by `save_pretrained`) gets
+    its `arch`'s processor as published, sized to the encoder; without `arch` it is refused."""
+    if arch is not None and not os.path.isfile(os.path.join(folder, FILE)):
+        crop = _DEFAULTS[arch]["do_center_crop"]
+        size = {"shortest_edge": image_size} if crop else {"height": image_size, "width": image_size}
+        path, kind, data = os.path.join(folder, FILE), next(k for k, v in _IMAGE_TYPES.items() if v == arch), dict(
+            size=size, crop_size={"height": image_size, "width": image_size})
+    else:
+        path, kind, data = _read(folder)
     if kind not in _IMAGE_TYPES:
         raise ConversionError(f"{path}: processor type {kind}: not an image processor megatron_mm can follow "
                               f"(known: SiglipImageProcessor, CLIPImageProcessor)")
