@@ -101,11 +101,11 @@ def count(name: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_mm.config import load_config
-    from megatron_mm.models.attention_mask import one_sample_rows_mask
+    from megatron_mm.models.attention_mask import document_attention_mode, one_sample_rows_mask
     from megatron_mm.models.gpt import transformer_config
     from megatron_mm.runtime import compat
     from megatron_mm.runtime import distributed as runtime
-    from megatron_mm.training.loop import build_model
+    from megatron_mm.training.loop import build_model, uses_transformer_engine
 
     path, overrides = SCENARIOS[name]
     cfg = load_config(path, overrides)
@@ -118,7 +118,7 @@ def count(name: str) -> dict:
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
     model = build_model(cfg, tc, hardware, PLACEHOLDERS)[0]
     ids, positions, media = _batch(cfg)
-    mask = one_sample_rows_mask(cfg.masks_documents, ids)
+    mask = one_sample_rows_mask(document_attention_mode(cfg, uses_transformer_engine(hardware)), ids)
     result = {"batch": {"tokens": ids.numel(), "images": IMAGES if "images" in media else 0,
                         "clips": CLIPS if "mels" in media else 0}}
     with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:

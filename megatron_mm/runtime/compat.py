@@ -476,6 +476,34 @@ def _save_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+# --------------------------------------------------------------------------- FlexAttention on a CPU
+# Call site: not megatron-core but our decoder attention over packed samples
+# (models/portable.py FlexSegmentAttention → models/packed_attention.py `kernel`): torch 2.13's
+# `torch.nn.attention.flex_attention.flex_attention` refuses any input that requires grad on a
+# CPU (`_validate_device`: "FlexAttention does not support backward on CPU"), compiled or not.
+# The flex_attention higher-order op it wraps has an eager implementation with autograd on any
+# device (it materialises the [b, h, s, s] scores: right for tests, not for long sequences);
+# called directly here, without the public function's checks (we pass 4-D tensors of one
+# device, the block mask built for them) and its "without torch.compile" warning.
+
+
+def _eager_flex_attention(query, key, value, block_mask, scale):
+    import math
+
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+    from torch.nn.attention.flex_attention import _identity
+
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    out, _, _ = flex_op(query, key, value, _identity, block_mask.as_tuple(), scale, {}, (), ())
+    return out
+
+
+def _cpu_flex_attention() -> None:
+    from megatron_mm.models import packed_attention
+
+    packed_attention.kernel = _eager_flex_attention
+
+
 WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cpu_rng_tracker",
@@ -554,6 +582,13 @@ WORKAROUNDS: list[Workaround] = [
         "process at the first save (2.4 s a rank; our saves are synchronous; any hardware)",
         lambda hw: True,
         _save_results_in_process,
+    ),
+    Workaround(
+        "cpu_flex_attention",
+        "not megatron-core: torch/nn/attention/flex_attention.py flex_attention refuses backward on a CPU "
+        "(our FlexSegmentAttention, model.document_attention=fused)",
+        lambda hw: not hw.has_cuda,
+        _cpu_flex_attention,
     ),
 ]
 
