@@ -556,6 +556,10 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
     rule(m.rope_type in ("rope", "yarn"), "model.rope_type", m.rope_type, "must be rope or yarn")
     rule(m.document_attention in ("fused", "dense_mask"), "model.document_attention", m.document_attention,
          "must be fused or dense_mask")
+    rule(not (cfg.masks_documents and m.document_attention == "dense_mask" and m.mtp_num_layers),
+         "model.document_attention", m.document_attention,
+         f"cannot serve model.mtp_num_layers={m.mtp_num_layers} (megatron-core's MTP layer takes no arbitrary "
+         "mask): use fused, or data.document_mask=false")
     rule(m.router_score_function in ("sigmoid", "softmax"), "model.router_score_function",
          m.router_score_function, "must be sigmoid or softmax")
     rule(0 <= m.first_k_dense_layers <= m.num_layers, "model.first_k_dense_layers",

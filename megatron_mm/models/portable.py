@@ -84,8 +84,7 @@ class SDPAttention(MegatronModule):
 class FlexSegmentAttention(SDPAttention):
     """Causal attention inside each packed sample, through FlexAttention (packed_attention.py).
 
-    Built with `AttnMaskType.arbitrary` like `SDPAttention` over the dense mask, but its
-    `attention_mask` is the batch's segment ids [b, s] (attention_mask.SEGMENT_IDS), from which
+    Its `attention_mask` (which it requires, whatever the mask type) is the batch's segment ids [b, s] (attention_mask.SEGMENT_IDS), from which
     each forward builds a block mask of [b, 1, s/128, s/128]; no [b, 1, s, s] tensor exists.
     Any query/key and value head sizes. No dropout (the model's attention dropout is 0)."""
 

@@ -171,11 +171,13 @@ class TPMLASelfAttention(MLASelfAttention):
 
 def decoder_attention(backend, documents: Optional[str]) -> tuple[AttnMaskType, type]:
     """The decoder's mask type and core attention for `documents`, the model's
-    `attention_mask.document_attention_mode`: arbitrary over the dense mask (either backend)
-    or over segment ids (portable: FlexSegmentAttention); causal without document masking and
-    under THD (TE turns causal into padding_causal over the packed samples' cu_seqlens)."""
+    `attention_mask.document_attention_mode`: arbitrary over the dense mask (either backend);
+    padding_causal over segment ids (portable: FlexSegmentAttention, which reads no mask type:
+    causal inside each sample; megatron-core 0.16.1's MTP layer refuses `arbitrary` but takes
+    this); causal without document masking and under THD (TE turns causal into padding_causal
+    over the packed samples' cu_seqlens)."""
     if documents == SEGMENT_IDS:
-        return AttnMaskType.arbitrary, FlexSegmentAttention
+        return AttnMaskType.padding_causal, FlexSegmentAttention
     if documents == DENSE_MASK:
         return AttnMaskType.arbitrary, backend.core_attention()
     return AttnMaskType.causal, backend.core_attention()

@@ -12,7 +12,11 @@ Prints one JSON line: for each setting, the largest per-token loss difference on
 between packed and other, and between packed and alone (B's tokens at other positions:
 RoPE sees only distances inside B, so only rounding differs), and whether a masked model
 refuses a forward without a mask; and `fused_vs_dense`, the largest difference between the
-two masked settings' losses on the packed sequence (all its tokens, A's and B's).
+two masked settings' losses on the packed sequence (all its tokens, A's and B's), and
+`fused_vs_dense_grad`, the largest difference between their parameter gradients of the
+packed sequence's summed loss, relative to the largest gradient. A fourth model, `masked_mtp`,
+is `masked` plus one MTP layer (its attention takes the same segment ids; megatron-core's MTP
+refuses the dense mask's `arbitrary` mask type): the same main losses, and finite gradients.
 
     python tests/helpers/document_mask_probe.py
 """
@@ -69,8 +73,9 @@ def main() -> None:
 
     settings = {"masked": ["data.document_mask=true", "model.document_attention=fused"],
                 "dense_mask": ["data.document_mask=true", "model.document_attention=dense_mask"],
-                "unmasked": ["data.document_mask=false"]}
-    out, weights, packed_losses = {}, None, {}
+                "unmasked": ["data.document_mask=false"],
+                "masked_mtp": ["data.document_mask=true", "model.document_attention=fused", "model.mtp_num_layers=1"]}
+    out, weights, packed_losses, grads = {}, None, {}, {}
     for key, overrides in settings.items():
         cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), overrides)
         documents = document_attention_mode(cfg, False)
@@ -80,7 +85,8 @@ def main() -> None:
         if weights is None:
             weights = model.state_dict()
         else:
-            model.load_state_dict(weights)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            assert not unexpected and all(k.startswith("mtp.") for k in missing), (missing, unexpected)
         with torch.no_grad():
             packed_losses[key] = losses(model, documents, a, image)
             packed = of_b(packed_losses[key])
@@ -94,11 +100,18 @@ def main() -> None:
                     refuses = False
                 except ValueError as err:
                     refuses = "attention_mask" in str(err)
+        losses(model, documents, a, image).sum().backward()
+        grads[key] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         out[key] = {"vs_other": float((packed - other).abs().max()), "vs_alone": float((packed - alone).abs().max()),
                     "mean_loss": float(packed.mean())}
         if refuses is not None:
             out[key]["refuses_no_mask"] = refuses
     out["fused_vs_dense"] = float((packed_losses["masked"] - packed_losses["dense_mask"]).abs().max())
+    fused, dense = grads["masked"], grads["dense_mask"]
+    out["fused_vs_dense_grad"] = float((fused - dense).abs().max() / dense.abs().max())
+    out["gradients"] = len(dense)
+    out["masked_mtp"]["vs_masked"] = float((packed_losses["masked_mtp"] - packed_losses["masked"]).abs().max())
+    out["masked_mtp"]["grads_finite"] = bool(grads["masked_mtp"].isfinite().all())
     runtime.shutdown()
     print(json.dumps(out))
 
