@@ -5,7 +5,10 @@ portable.FlexSegmentAttention, `model.document_attention`), in process and cheap
   through the mask function, unlisted blocks skipped), is exactly the dense block-causal mask.
 * Building it creates no tensor anywhere near [s, s].
 * FlexSegmentAttention gives the dense-mask SDPA's values and gradients (fp32, query/key head
-  size 24, value 16, three 128-token blocks): measured at most ~1e-6 apart; tolerance 1e-5.
+  size 24, value 16, three 128-token blocks), with this machine's kernel (on a CPU compat's:
+  torch refuses FlexAttention's backward there); and torch's FlexAttention itself (eager,
+  forward only on a CPU) gives the same values over the block mask. Measured at most ~1e-6
+  apart; tolerance 1e-5.
 * The THD PackedSeqParams (Transformer Engine's packed format, not runnable here) has a
   sequence start at each row start and each change of sample.
 
@@ -15,6 +18,7 @@ tests/test_multimodal_training.py.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -125,7 +129,7 @@ def flex_attention():
     module = FlexSegmentAttention(config, 1, AttnMaskType.padding_causal, "self", softmax_scale=0.3)
     with pytest.MonkeyPatch.context() as patch:
         if not torch.cuda.is_available():
-            patch.setattr(packed_attention, "kernel", compat._eager_flex_attention)
+            patch.setattr(packed_attention, "kernel", compat._flex_attention_through_sdpa)
         yield module
 
 
@@ -150,6 +154,20 @@ def test_fused_attention_matches_dense_mask_values_and_gradients(flex_attention)
     for name, a, b in zip(("output", "dq", "dk", "dv"), fused, run(dense)):
         difference = float((a - b).detach().abs().max())
         assert a.shape == b.shape and difference <= TOLERANCE, (name, difference)
+
+
+def test_flex_attention_itself_over_the_block_mask_matches_dense():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seq, batch, heads = 300, 2, 2
+    segments = packed_segments(batch, seq, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=g) for dim in (24, 24, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": expected here
+        out = flex_attention(q, k, v, block_mask=packed_attention.segment_block_mask(segments), scale=0.3)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=~document_attention_mask(segments), scale=0.3)
+    assert float((out - dense).abs().max()) <= TOLERANCE
 
 
 def test_fused_attention_refuses_a_missing_or_dense_mask(flex_attention):

@@ -16,7 +16,8 @@ expressed in the two forms fused kernels take:
 
 `flex_attention` runs the FlexAttention kernel: `torch.compile(flex_attention)` (eager
 FlexAttention materialises the scores). torch 2.13 refuses FlexAttention's backward on a CPU;
-runtime/compat.py (`cpu_flex_attention`) swaps in an eager, differentiable call there.
+there runtime/compat.py (`cpu_flex_attention`) applies the block mask's mask function through
+SDPA instead, as torch's eager FlexAttention would.
 """
 
 from __future__ import annotations

@@ -481,27 +481,27 @@ def _save_results_in_process() -> None:
 # (models/portable.py FlexSegmentAttention → models/packed_attention.py `kernel`): torch 2.13's
 # `torch.nn.attention.flex_attention.flex_attention` refuses any input that requires grad on a
 # CPU (`_validate_device`: "FlexAttention does not support backward on CPU"), compiled or not.
-# The flex_attention higher-order op it wraps has an eager implementation with autograd on any
-# device (it materialises the [b, h, s, s] scores: right for tests, not for long sequences);
-# called directly here, without the public function's checks (we pass 4-D tensors of one
-# device, the block mask built for them) and its "without torch.compile" warning.
+# On a CPU the block mask's mask function is applied here the way torch's own eager
+# FlexAttention applies it (at every query/key position, the block lists unread), as a boolean
+# mask for SDPA: [b, 1, s, s], smaller than the [b, h, s, s] scores eager FlexAttention
+# materialises anyway, and 14x faster (measured fwd+bwd, b2 h4 s128: 4 ms against 57 ms for
+# torch's eager flex_attention op with autograd). Our mask function broadcasts, so it is called
+# once on index grids. tests/test_fused_attention.py checks the block lists themselves and
+# FlexAttention's own (eager, forward) values against the dense mask.
 
 
-def _eager_flex_attention(query, key, value, block_mask, scale):
-    import math
-
-    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
-    from torch.nn.attention.flex_attention import _identity
-
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    out, _, _ = flex_op(query, key, value, _identity, block_mask.as_tuple(), scale, {}, (), ())
-    return out
+def _flex_attention_through_sdpa(query, key, value, block_mask, scale):
+    b, s = query.shape[0], query.shape[2]
+    index = torch.arange(s, device=query.device)
+    batch = torch.arange(b, device=query.device)[:, None, None, None]
+    allowed = block_mask.mask_mod(batch, 0, index[:, None], index[None, :])  # [b, 1, s, s]
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
 
 
 def _cpu_flex_attention() -> None:
     from megatron_mm.models import packed_attention
 
-    packed_attention.kernel = _eager_flex_attention
+    packed_attention.kernel = _flex_attention_through_sdpa
 
 
 WORKAROUNDS: list[Workaround] = [
