@@ -39,10 +39,9 @@ def document_attention_mode(cfg, use_transformer_engine: bool) -> Optional[str]:
 
 
 def packed_inputs(mode: Optional[str], segment_ids: Optional[torch.Tensor]) -> dict:
-    """The model's keyword arguments for packed samples `segment_ids` [b, s] (unread when
-    `mode` is None) under `mode`:
-    `attention_mask` and `packed_seq_params` (under THD the caller flattens its [b, s] inputs
-    with `packed_attention.flatten_rows`)."""
+    """The model's keyword arguments `attention_mask` and `packed_seq_params` for packed samples
+    `segment_ids` [b, s] (unread when `mode` is None) under `mode`. Under THD the caller
+    flattens its [b, s] inputs with `packed_attention.flatten_rows`."""
     if mode == DENSE_MASK:
         return {"attention_mask": document_attention_mask(segment_ids), "packed_seq_params": None}
     if mode == SEGMENT_IDS:
