@@ -26,6 +26,7 @@ from megatron_mm.conversion import fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import ShardWriter, nbytes, write_index
+from megatron_mm.data import run_tokenizer as find_tokenizer
 
 ENCODERS_FILE = "encoders.safetensors"
 OURS_FILE = "megatron_mm.json"
@@ -40,22 +41,6 @@ def config_of_checkpoint(reader: DistCheckpointReader) -> Config:
         return _build(Config, stored)
     except ConfigError as err:
         raise ConversionError(f"checkpoint {reader.folder}: stored config unreadable: {err}") from None
-
-
-def find_tokenizer(cfg: Config) -> Optional[str]:
-    """The sentencepiece model the run trained with, if it is on this machine."""
-    d = cfg.data
-    if d.source in ("indexed", "shards"):
-        return d.tokenizer
-    if d.source == "corpus":
-        from megatron_mm.data import _corpus_dir
-
-        return os.path.join(_corpus_dir(cfg), "tokenizer.model")
-    if d.source == "demo":
-        from megatron_mm.data.multimodal.prepare import demo_dir
-
-        return os.path.join(demo_dir(cfg), "tokenizer.model")
-    return None
 
 
 def check_against_config(m, saved: dict, folder: str) -> None:

@@ -82,6 +82,22 @@ def prepare(cfg: Config) -> tuple[Optional[str], Optional[str]]:
     raise ValueError(f"data.source={source}: must be synthetic, corpus or indexed")
 
 
+def run_tokenizer(cfg: Config) -> Optional[str]:
+    """The tokenizer a run with `cfg` trains with: `data.tokenizer` when set (an imported model's,
+    tools/convert_from_hf.py), else the one the corpus and demo sources build in their cache;
+    None for synthetic data. It may not exist on this machine."""
+    d = cfg.data
+    if d.tokenizer or d.source in ("indexed", "shards"):
+        return d.tokenizer
+    if d.source == "corpus":
+        return os.path.join(_corpus_dir(cfg), "tokenizer.model")
+    if d.source == "demo":
+        from megatron_mm.data.multimodal.prepare import demo_dir
+
+        return os.path.join(demo_dir(cfg), "tokenizer.model")
+    return None
+
+
 def build_datasets(
     cfg: Config, prefix: Optional[str], tokenizer_path: Optional[str]
 ) -> tuple[Dataset, Optional[Dataset], int]:

@@ -91,6 +91,21 @@ def collate(sequences: list[PackedSequence]) -> dict:
     }
 
 
+def media_spec(cfg) -> MediaSpec:
+    """What the loaders make of an image or a clip for this model (sizes, normalisation)."""
+    m = cfg.model
+    return MediaSpec(mel_frames=m.audio.max_frames if m.audio else 100,
+                     **(dict(image_size=m.vision.image_size, image_mean=tuple(m.vision.image_mean),
+                             image_std=tuple(m.vision.image_std)) if m.vision else {}))
+
+
+def text_formatter(cfg, tokenizer) -> TextFormatter:
+    """The chat template and placeholder runs of this model's media."""
+    m = cfg.model
+    return TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
+                         num_audio_tokens=m.audio.num_tokens if m.audio else 1)
+
+
 def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, position: int,
                 device_id: Optional[int], log=print) -> MultimodalBatches:
     """The configured loader (`data.loader`) over `shards` for this data-parallel rank, from
@@ -99,15 +114,11 @@ def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, positio
     from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
 
     m, d = cfg.model, cfg.data
-    spec = MediaSpec(mel_frames=m.audio.max_frames if m.audio else 100,
-                     **(dict(image_size=m.vision.image_size, image_mean=tuple(m.vision.image_mean),
-                             image_std=tuple(m.vision.image_std)) if m.vision else {}))
-    common = dict(spec=spec, dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
+    common = dict(spec=media_spec(cfg), dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
                   cache_dir=os.path.join(os.path.expanduser(d.cache_dir), "shard-index"), log=log)
     if d.loader == "dali":
         loader = DaliMediaLoader(shards, batch_size=32, num_threads=d.loader_threads, device_id=device_id, **common)
     else:
         loader = TorchMediaLoader(shards, num_workers=0, **common)
-    formatter = TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
-                              num_audio_tokens=m.audio.num_tokens if m.audio else 1)
-    return MultimodalBatches(loader, formatter, m.seq_length, cfg.train.micro_batch_size, tokenizer.pad, log)
+    return MultimodalBatches(loader, text_formatter(cfg, tokenizer), m.seq_length, cfg.train.micro_batch_size,
+                             tokenizer.pad, log)
