@@ -19,7 +19,8 @@ from megatron_mm.conversion.tiny_hf import BOS, EOS, TOKENIZER_VOCAB, write_lm, 
 from megatron_mm.conversion.to_hf import convert_to_hf
 from megatron_mm.data.tokenizer import MULTIMODAL_SPECIAL_TOKENS, check_fits, open_tokenizer
 
-TINY_ROWS = 384  # 320 tokens + 5 pieces = 325, padded to the next multiple of 128
+TINY_ROWS = 384  # 320 tokens + 5 pieces + <pad> = 326, padded to the next multiple of 128
+ADDED = list(MULTIMODAL_SPECIAL_TOKENS) + ["<pad>"]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,10 @@ def test_hf_tokenizer_folder_gets_the_multimodal_pieces(tmp_path):
     folder = str(tmp_path / "tok")
     assert write_tokenizer(folder) == TOKENIZER_VOCAB
     tok = open_tokenizer(folder)
-    assert tok.added == list(MULTIMODAL_SPECIAL_TOKENS)
-    assert [tok.special_token_id(t) for t in MULTIMODAL_SPECIAL_TOKENS] == list(range(TOKENIZER_VOCAB, TOKENIZER_VOCAB + 5))
-    assert tok.vocab_size == TOKENIZER_VOCAB + 5 and tok.eod == tok.vocab[EOS] == tok.pad and tok.bos == tok.vocab[BOS]
+    assert tok.added == ADDED
+    assert [tok.special_token_id(t) for t in ADDED] == list(range(TOKENIZER_VOCAB, TOKENIZER_VOCAB + 6))
+    assert tok.vocab_size == TOKENIZER_VOCAB + 6 and tok.eod == tok.vocab[EOS] and tok.bos == tok.vocab[BOS]
+    assert tok.pad == tok.vocab["<pad>"]
     text = "<image> a red circle <|user|>What colour?<|end|>"
     ids = tok.tokenize(text)
     assert ids[0] == tok.special_token_id("<image>") and tok.special_token_id("<|end|>") == ids[-1]
@@ -70,10 +72,11 @@ def test_hf_tokenizer_folder_gets_the_multimodal_pieces(tmp_path):
     # the extended folder is what transformers reads, with the same ids; the original's ids are unchanged
     tok.save(str(tmp_path / "extended"))
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "extended"))
-    assert hf(text, add_special_tokens=False).input_ids == ids
+    assert hf(text, add_special_tokens=False).input_ids == ids and hf.pad_token_id == tok.pad
     plain = "a loud high chord."
     assert AutoTokenizer.from_pretrained(folder)(plain, add_special_tokens=False).input_ids == tok.tokenize(plain)
-    assert open_tokenizer(str(tmp_path / "extended")).added == []
+    again = open_tokenizer(str(tmp_path / "extended"))
+    assert again.added == [] and again.vocab == tok.vocab and again.pad == tok.pad
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused_in_one_line(tmp_path):
@@ -82,8 +85,8 @@ def test_tokenizer_larger_than_the_embedding_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_fits(open_tokenizer(folder), 320)
     assert err.value.problems == [
-        f"data.tokenizer={folder}: has 325 tokens, more than model.vocab_size=320 (the model's embedding rows); "
-        f"set model.vocab_size to at least 325 (tools/convert_from_hf.py grows an imported model's)"]
+        f"data.tokenizer={folder}: has 326 tokens, more than model.vocab_size=320 (the model's embedding rows); "
+        f"set model.vocab_size to at least 326 (tools/convert_from_hf.py grows an imported model's)"]
     os.remove(os.path.join(folder, "tokenizer.json"))
     with pytest.raises(ValueError, match=r"no tokenizer.json \(a Hugging Face tokenizer folder needs one"):
         open_tokenizer(folder)
@@ -99,7 +102,7 @@ def test_training_refuses_a_tokenizer_past_the_embedding(imported):
     tokenizer = os.path.join(imported["ckpt"], "tokenizer")
     with pytest.raises(ConfigError) as err:
         build_datasets(cfg, "unused-prefix", tokenizer)
-    assert err.value.problems[0].startswith(f"data.tokenizer={tokenizer}: has 325 tokens, more than model.vocab_size=256")
+    assert err.value.problems[0].startswith(f"data.tokenizer={tokenizer}: has 326 tokens, more than model.vocab_size=256")
 
 
 # --------------------------------------------------------------------------- vocabulary growth
@@ -107,7 +110,7 @@ def test_training_refuses_a_tokenizer_past_the_embedding(imported):
 
 def test_import_grows_the_vocabulary(imported):
     summary, ckpt = imported["summary"], imported["ckpt"]
-    assert summary["vocab_size"] == TINY_ROWS and summary["added_tokens"] == list(MULTIMODAL_SPECIAL_TOKENS)
+    assert summary["vocab_size"] == TINY_ROWS and summary["added_tokens"] == ADDED
     assert summary["tokenizer"] == os.path.abspath(os.path.join(ckpt, "tokenizer"))
     hf = load_file(os.path.join(imported["hf"], "model.safetensors"))
     reader = DistCheckpointReader(ckpt)
@@ -122,7 +125,7 @@ def test_import_grows_the_vocabulary(imported):
     assert stored["model"]["vocab_size"] == TINY_ROWS and stored["data"]["tokenizer"] == summary["tokenizer"]
     with open(os.path.join(ckpt, "config.yaml")) as f:
         assert yaml.safe_load(f) == stored
-    assert open_tokenizer(summary["tokenizer"]).vocab_size == TOKENIZER_VOCAB + 5
+    assert open_tokenizer(summary["tokenizer"]).vocab_size == TOKENIZER_VOCAB + 6
 
 
 def test_resumed_training_runs_with_the_hf_tokenizer(imported, trained):

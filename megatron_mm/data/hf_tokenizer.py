@@ -6,8 +6,8 @@ so a stranger's folder is safe to read; no `trust_remote_code` anywhere) and opt
 and pad tokens. DeepSeek-V3's release folder is of this kind.
 
 Our multimodal pieces (`tokenizer.MULTIMODAL_SPECIAL_TOKENS`: the `<image>`/`<audio>`
-placeholders and the chat markers) are added as special tokens when the folder lacks them, in
-that fixed order after the folder's largest id, so every process that opens the same folder
+placeholders and the chat markers), and `<pad>` when the folder names no pad token, are added as
+special tokens when the folder lacks them, in that fixed order after the folder's largest id, so every process that opens the same folder
 gets the same ids. `tools/convert_from_hf.py` writes the extended folder (`save`) beside the
 checkpoint it makes and grows the model's embedding to the new vocabulary.
 
@@ -29,6 +29,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+PAD_TOKEN = "<pad>"  # added when the folder names no pad token
 
 
 def _token_text(value) -> Optional[str]:
@@ -60,10 +61,11 @@ def _read_special(folder: str) -> dict[str, Optional[str]]:
 class HFTokenizer(MegatronTokenizerBase):
     """`folder/tokenizer.json` through `tokenizers`, with `special_tokens` added when missing.
 
-    `eod` (end of document) is the folder's `eos_token`; `pad` its `pad_token`, or the eos id
-    when it names none (padding carries loss 0 and, with `data.document_mask`, no attention, so
-    any id serves). Text is encoded without the post-processor's BOS/EOS (as our sentencepiece
-    path: the formatter places the document and chat markers itself).
+    `eod` (end of document) is the folder's `eos_token`; `pad` its `pad_token`, or, when it
+    names none, `<pad>` (added if missing, as `extend_sentencepiece` adds one: multimodal
+    packing pads, and megatron-core's GPTDataset warns when pad is another special id). Text
+    is encoded without the post-processor's BOS/EOS (as our sentencepiece path: the formatter
+    places the document and chat markers itself).
     """
 
     def __init__(self, folder: str, special_tokens: tuple[str, ...] = ()):
@@ -79,20 +81,23 @@ class HFTokenizer(MegatronTokenizerBase):
         except Exception as err:  # tokenizers raises its own Exception for a malformed file
             raise ValueError(f"tokenizer {path}: not a tokenizers file ({str(err).splitlines()[0]})") from None
         have = self._tok.get_vocab(with_added_tokens=True)
-        self.added = [t for t in special_tokens if t not in have]
+        special = _read_special(folder)
+        pad = special.get("pad_token")
+        if pad is None:  # multimodal packing pads; megatron-core's datasets want a pad of its own
+            pad = PAD_TOKEN
+        self.added = [t for t in (*special_tokens, pad) if t not in have]
         # One at a time: each gets the next id after the largest (tokenizers fills holes otherwise).
         for token in self.added:
             self._tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         self._vocab = self._tok.get_vocab(with_added_tokens=True)
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
-        special = _read_special(folder)
         eos = special.get("eos_token")
         if eos is None or eos not in self._vocab:
             raise ValueError(f"tokenizer {folder}: names no end-of-sequence token in its vocabulary "
                              f"(eos_token={eos!r} in {' / '.join(CONFIG_FILES)}); it is needed to end each document")
         self._eos = self._vocab[eos]
         self._bos = self._vocab.get(special.get("bos_token") or "", -1)
-        self._pad = self._vocab.get(special.get("pad_token") or "", self._eos)
+        self._pad = self._vocab[pad]
         with open(path, "rb") as f:
             digest = hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
         # Keys GPTDataset's cache hash: the file's content and what was added, not its path.
@@ -142,15 +147,16 @@ class HFTokenizer(MegatronTokenizerBase):
 
     def save(self, out: str) -> None:
         """Write the folder with the added tokens: `tokenizer.json` (which `AutoTokenizer` and
-        this class read) and the folder's config files, copied as they are."""
-        import shutil
-
+        this class read) and the folder's config files, the pad token named in them."""
         os.makedirs(out, exist_ok=True)
         self._tok.save(os.path.join(out, TOKENIZER_FILE))
         for name in CONFIG_FILES:
             source = os.path.join(self.path, name)
-            if os.path.exists(source) and os.path.abspath(source) != os.path.abspath(os.path.join(out, name)):
-                shutil.copyfile(source, os.path.join(out, name))
+            config = json.load(open(source, encoding="utf-8")) if os.path.exists(source) else None
+            if isinstance(config, dict) or name == CONFIG_FILES[0]:
+                config = dict(config or {}, pad_token=self._inv_vocab[self._pad])
+                with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, ensure_ascii=False)
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("HFTokenizer is for our data path; it has no chat template")
