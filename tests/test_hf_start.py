@@ -171,12 +171,14 @@ def _generate(args, capsys) -> dict:
 
 
 def test_greedy_generate_equals_transformers(imported, trained, capsys):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ours = _generate(["--checkpoint", trained, "--prompt", "a red circle on", "--max-new-tokens", "8"], capsys)
     assert ours["iteration"] == 3 and len(ours["prompt_ids"]) >= 3
     hf_dir = str(imported["root"] / "exported")
-    convert_to_hf(trained, hf_dir, tokenizer="none", progress=False)
+    convert_to_hf(trained, hf_dir, progress=False)  # with the run's tokenizer folder
+    assert AutoTokenizer.from_pretrained(hf_dir)("a red circle on", add_special_tokens=False).input_ids == \
+        ours["prompt_ids"]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompt = torch.tensor([ours["prompt_ids"]])
     theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
