@@ -128,6 +128,18 @@ def test_import_grows_the_vocabulary(imported):
     assert open_tokenizer(summary["tokenizer"]).vocab_size == TOKENIZER_VOCAB + 6
 
 
+def test_grown_vocabulary_splits_under_tp2(imported):
+    """384 rows as TP2 chunks (192 a rank): the same global tensors as the one-rank import."""
+    from megatron_mm.config import ParallelConfig
+
+    out = str(imported["root"] / "tp2")
+    summary = convert_from_hf(imported["hf"], out, ParallelConfig(tp=2, sequence_parallel=True), progress=False)
+    assert summary["files"] == 2 and summary["vocab_size"] == TINY_ROWS
+    one, two = DistCheckpointReader(imported["ckpt"]), DistCheckpointReader(out)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        assert torch.equal(one.read(key), two.read(key))
+
+
 def test_resumed_training_runs_with_the_hf_tokenizer(imported, trained):
     steps = losses(imported["run"])
     assert sorted(steps) == [1, 2, 3] and all(4.0 < loss < 7.0 for loss in steps.values())  # ~ln(384) = 5.95
