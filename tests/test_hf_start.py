@@ -102,7 +102,8 @@ def test_training_refuses_a_tokenizer_past_the_embedding(imported):
     tokenizer = os.path.join(imported["ckpt"], "tokenizer")
     with pytest.raises(ConfigError) as err:
         build_datasets(cfg, "unused-prefix", tokenizer)
-    assert err.value.problems[0].startswith(f"data.tokenizer={tokenizer}: has 326 tokens, more than model.vocab_size=256")
+    assert err.value.problems[0].startswith(
+        f"data.tokenizer={tokenizer}: has 326 tokens, more than model.vocab_size=256")
 
 
 # --------------------------------------------------------------------------- vocabulary growth

@@ -152,7 +152,8 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     token_path = run_tokenizer(cfg) if tokenizer is None else (None if tokenizer == "none" else tokenizer)
     if tokenizer is None and (token_path is None or not os.path.exists(token_path)):
         raise ConversionError(f"tokenizer: the run's tokenizer ({token_path or 'data.source=' + cfg.data.source}) is "
-                              "not on this machine; pass --tokenizer PATH (a sentencepiece .model or HF tokenizer folder) or --tokenizer none")
+                              "not on this machine; pass --tokenizer PATH (a sentencepiece .model or HF tokenizer folder) or "
+                              "--tokenizer none")
     max_positions = mapping.hf_config(m, torch.float32)["max_position_embeddings"]  # (also: can the family express m?)
     ids = write_tokenizer(token_path, out, m, max_positions) if token_path else {}
 

@@ -7,8 +7,8 @@ and pad tokens. DeepSeek-V3's release folder is of this kind.
 
 Our multimodal pieces (`tokenizer.MULTIMODAL_SPECIAL_TOKENS`: the `<image>`/`<audio>`
 placeholders and the chat markers), and `<pad>` when the folder names no pad token, are added as
-special tokens when the folder lacks them, in that fixed order after the folder's largest id, so every process that opens the same folder
-gets the same ids. `tools/convert_from_hf.py` writes the extended folder (`save`) beside the
+special tokens when the folder lacks them, in that fixed order after the folder's largest id, so
+every process that opens the same folder gets the same ids. `tools/convert_from_hf.py` writes the extended folder (`save`) beside the
 checkpoint it makes and grows the model's embedding to the new vocabulary.
 
 Written by hand because megatron-core 0.16.1's `HuggingFaceTokenizer` goes through
