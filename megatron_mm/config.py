@@ -276,7 +276,7 @@ class DataConfig:
     # shards: WebDataset shards at `shards` (tools/build_shards.py) with `tokenizer`.
     source: str = "corpus"
     prefix: Optional[str] = None  # indexed dataset path prefix (without .bin/.idx)
-    tokenizer: Optional[str] = None  # sentencepiece .model (indexed source)
+    tokenizer: Optional[str] = None  # sentencepiece .model or HF tokenizer folder (tokenizer.json)
     cache_dir: str = "~/.cache/megatron_mm"  # where the corpus source builds its data
     corpus_documents: int = 4000
     shards: Optional[str] = None  # folder or glob of .tar shards (source=shards)
@@ -788,7 +788,8 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
     if d.source == "shards":
         rule(bool(d.shards), "data.shards", d.shards, "is required when data.source=shards")
         rule(bool(d.tokenizer) and os.path.exists(d.tokenizer or ""), "data.tokenizer", d.tokenizer,
-             "must name an existing sentencepiece .model with the multimodal pieces when data.source=shards")
+             "must name an existing sentencepiece .model with the multimodal pieces, or a Hugging Face tokenizer "
+             "folder, when data.source=shards")
     rule(not d.eval_shards or d.source == "shards", "data.eval_shards", d.eval_shards,
          "is for data.source=shards (the demo source has its own held-out splits)")
     if d.source == "shards":
@@ -806,7 +807,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
             rule(os.path.exists(d.prefix + ".bin") and os.path.exists(d.prefix + ".idx"),
                  "data.prefix", d.prefix, "has no .bin/.idx pair (make one with tools/prepare_data.py)")
         rule(bool(d.tokenizer) and os.path.exists(d.tokenizer or ""), "data.tokenizer", d.tokenizer,
-             "must name an existing sentencepiece .model when data.source=indexed")
+             "must name an existing sentencepiece .model or Hugging Face tokenizer folder when data.source=indexed")
     rule(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
          cfg.checkpoint.save_interval, "must be >= 0 (0: save only at the end)")
     rule(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last",

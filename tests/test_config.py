@@ -306,8 +306,8 @@ BAD = [
     bad("indexed prefix without files", "data.prefix=/nonexistent/corpus: has no .bin/.idx pair "
         "(make one with tools/prepare_data.py)",
         ["data.source=indexed", "data.prefix=/nonexistent/corpus", "data.tokenizer=tok.model"]),
-    bad("indexed without tokenizer", "data.tokenizer=None: must name an existing sentencepiece .model when "
-        "data.source=indexed", ["data.source=indexed", "data.prefix=corpus"]),
+    bad("indexed without tokenizer", "data.tokenizer=None: must name an existing sentencepiece .model or Hugging Face tokenizer "
+        "folder when data.source=indexed", ["data.source=indexed", "data.prefix=corpus"]),
     bad("load not a folder", "checkpoint.load=/nonexistent/ckpt: is not a folder", ["checkpoint.load=/nonexistent/ckpt"]),
     bad("keep no checkpoint", "checkpoint.keep_last=0: must be >= 1 (or null: keep every iteration)",
         ["checkpoint.keep_last=0"]),

@@ -25,8 +25,13 @@ must agree with config.json on the model. Streams: memory holds about one tensor
 An FP8 block-scaled folder (DeepSeek-V3's release format, `quantization_config` fp8) is read
 dequantized: each FP8 weight becomes code * scale per 128x128 block, in --dtype (default: the
 dtype of the folder's unquantized weights, bf16 for the release).
+The tokenizer (the folder's tokenizer.json, or --tokenizer DIR|FILE.model) gets the image/audio
+placeholders and chat markers it lacks and is written to OUT/tokenizer (OUT/tokenizer.model); when
+its ids pass the embedding, the embedding and output layer grow to the next multiple of 128 rows,
+new rows the mean of the old. OUT/config.yaml is the stored config (model.vocab_size,
+data.tokenizer): `launch/pretrain.py --config OUT/config.yaml --set checkpoint.load=OUT` trains on.
 Last stdout line: one JSON object (out, iteration, tensors, files, layout, family, mtp_layers,
-mtp_initialised, seconds, peak_rss_gib, rss_after_imports_gib).
+mtp_initialised, vocab_size, tokenizer, added_tokens, seconds, peak_rss_gib, rss_after_imports_gib).
 """
 
 import argparse
@@ -57,6 +62,9 @@ def main(argv=None) -> int:
                         help="seed of fresh MTP modules and projectors (default: train.seed of the stored config)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast weights (default: as stored; FP8 weights: as the unquantized ones)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR|FILE.model",
+                        help="tokenizer to train with (default: the folder's tokenizer.json): the multimodal pieces "
+                             "are added and the vocabulary grows to it")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -73,7 +81,7 @@ def main(argv=None) -> int:
         return convert_from_hf(args.hf, args.out, parallel, base, dtype=torch_dtype(args.dtype),
                                iteration=args.iteration, progress=not args.no_progress, mtp_layers=args.mtp_layers,
                                seed=args.seed, vision=args.vision, audio=args.audio,
-                               encoder_overrides=encoder_overrides)
+                               encoder_overrides=encoder_overrides, tokenizer=args.tokenizer)
 
     return run_conversion(convert)
 

@@ -23,7 +23,7 @@ from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
 from megatron_mm.data.indexed import write_indexed_dataset  # noqa: E402
-from megatron_mm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+from megatron_mm.data.tokenizer import open_tokenizer, train_sentencepiece  # noqa: E402
 
 
 class InputError(ValueError):
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help=".txt (blank-line separated) or .jsonl (\"text\" field)")
     parser.add_argument("--out", required=True, metavar="PREFIX", help="output prefix for .bin/.idx/.model")
     parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (an upper bound)")
-    parser.add_argument("--tokenizer", help="use this existing SentencePiece .model instead of training one")
+    parser.add_argument("--tokenizer", help="use this existing SentencePiece .model (or Hugging Face tokenizer folder) instead of training one")
     parser.add_argument("--byte-fallback", action="store_true",
                         help="train with byte fallback (no <unk>; needs --vocab-size above 260)")
     args = parser.parse_args(argv)
@@ -96,7 +96,7 @@ def prepare(args: argparse.Namespace) -> dict:
     else:
         progress(f"training a sentencepiece tokenizer (vocab_size {args.vocab_size}) -> {args.out}.model")
         model_path = train_sentencepiece(documents, args.out, args.vocab_size, args.byte_fallback)
-    tokenizer = SentencePieceTokenizer(model_path)
+    tokenizer = open_tokenizer(model_path)
     if args.vocab_size is not None and tokenizer.vocab_size > args.vocab_size:
         raise InputError(f"--tokenizer {model_path} has {tokenizer.vocab_size} pieces, "
                          f"more than --vocab-size={args.vocab_size}")

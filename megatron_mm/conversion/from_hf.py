@@ -25,9 +25,10 @@ import zlib
 from typing import Optional
 
 import torch
+import yaml
 
 from megatron_mm.config import Config, ConfigError, Hardware, ParallelConfig, _build, to_dict, validate
-from megatron_mm.conversion import encoder_mapping, fp8, mapping
+from megatron_mm.conversion import encoder_mapping, fp8, mapping, vocab
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
@@ -195,7 +196,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
                     dtype: Optional[torch.dtype] = None, iteration: int = 0, progress: bool = True,
                     mtp_layers: Optional[int] = None, seed: Optional[int] = None,
                     vision: Optional[str] = None, audio: Optional[str] = None,
-                    encoder_overrides: Optional[list[str]] = None) -> dict:
+                    encoder_overrides: Optional[list[str]] = None, tokenizer: Optional[str] = None) -> dict:
     """Write `out/iter_{iteration}` + the tracker; `base` supplies the non-model sections of the
     stored config (and, if given, must agree with config.json on the model shape).
     `mtp_layers`: see `resolve_mtp`; fresh modules are drawn with `seed` (default: the stored
@@ -203,7 +204,11 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     encoder joins the language model (encoder_mapping.py); their projectors are drawn fresh with
     the same seed; the encoder's training choices (feature layer, projector, ...) come from
     `base`'s model.vision / model.audio when it has them, then `encoder_overrides`
-    (`model.vision.KEY=VALUE` / `model.audio.KEY=VALUE`)."""
+    (`model.vision.KEY=VALUE` / `model.audio.KEY=VALUE`). `tokenizer` (default: the folder's own
+    tokenizer.json, if any) gets the multimodal pieces and the vocabulary grows to it
+    (`vocab.plan_vocab`); the extended tokenizer is written to `out` and named by the stored
+    config's data.tokenizer. `out/config.yaml` is the stored config, for
+    `launch/pretrain.py --config` to resume with."""
     m, ours = model_config(hf)
     imported = {}
     for kind, folder in (("vision", vision), ("audio", audio)):
@@ -225,7 +230,13 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     if base is not None:
         mapping.compare_model_configs(base.model, m, "the given --config", f"{hf}/config.json")
         m = dataclasses.replace(base.model, vision=m.vision, audio=m.audio) if (m.vision or m.audio) else base.model
+    grown = vocab.plan_vocab(hf, tokenizer, m.vocab_size)
+    if grown is not None:
+        m = dataclasses.replace(m, vocab_size=grown.rows)
     cfg = dataclasses.replace(base or Config(), model=m, parallel=parallel or ParallelConfig())
+    if grown is not None:
+        tokenizer_path = os.path.abspath(os.path.join(out, grown.name))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer_path))
     if m.vision is not None or m.audio is not None:
         if cfg.data.source not in ("demo", "shards"):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="demo"))
@@ -290,7 +301,8 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
                 stage = layout.stage_of(key)
                 writer.add_object(obj_key, None, layout.rank(stage, 0, 0))
 
-    put("embedding.word_embeddings.weight", None, get("model.embed_tokens.weight"))
+    grow = grown.grow if grown is not None else (lambda weight: weight)  # noqa: E731
+    put("embedding.word_embeddings.weight", None, grow(get("model.embed_tokens.weight")))
     for layer in mapping.layers(m):
         source = fresh if mtp.fresh and layer.mtp is not None else get
         for key, expert, tensor in mapping.layer_from_hf(m, layer, source):
@@ -301,7 +313,7 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
                 bar.update(nbytes(reader.shape(layer.hf + extra), torch.float32))
     put("decoder.final_layernorm.weight", None, get("model.norm.weight"))
     if not m.share_embeddings_and_output_weights:
-        put("output_layer.weight", None, get("lm_head.weight"))
+        put("output_layer.weight", None, grow(get("lm_head.weight")))
     if encoders is not None:
         for key in encoders.keys():
             put(key, None, encoders.read(key), shape=encoders.shape(key))
@@ -326,6 +338,15 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     }
     writer.finish(common)
     final = publish(out, unfinished, iteration)
+    if grown is not None:
+        grown.install(out)
+        if grown.rows != grown.old_rows:
+            print(f"from HF: vocabulary grown from {grown.old_rows} to {grown.rows} rows ({grown.tokens} tokens "
+                  f"with {len(grown.added)} added, padded to a multiple of {vocab.VOCAB_MULTIPLE}; new rows = the "
+                  f"mean of the old)", file=sys.stderr, flush=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     return {"out": final, "iteration": iteration, "tensors": len(writer.state_dict_metadata),
             "files": len(writer.files), "layout": common["layout"], "family": mapping.family_of(m).architecture,
-            "mtp_layers": m.mtp_num_layers, "mtp_initialised": mtp.fresh}
+            "mtp_layers": m.mtp_num_layers, "mtp_initialised": mtp.fresh, "vocab_size": m.vocab_size,
+            "tokenizer": cfg.data.tokenizer, "added_tokens": grown.added if grown is not None else []}

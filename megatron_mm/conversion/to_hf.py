@@ -44,22 +44,6 @@ def config_of_checkpoint(reader: DistCheckpointReader) -> Config:
         raise ConversionError(f"checkpoint {reader.folder}: stored config unreadable: {err}") from None
 
 
-def find_tokenizer(cfg: Config) -> Optional[str]:
-    """The sentencepiece model the run trained with, if it is on this machine."""
-    d = cfg.data
-    if d.source in ("indexed", "shards"):
-        return d.tokenizer
-    if d.source == "corpus":
-        from megatron_mm.data import _corpus_dir
-
-        return os.path.join(_corpus_dir(cfg), "tokenizer.model")
-    if d.source == "demo":
-        from megatron_mm.data.multimodal.prepare import demo_dir
-
-        return os.path.join(demo_dir(cfg), "tokenizer.model")
-    return None
-
-
 def check_against_config(m, saved: dict, folder: str) -> None:
     """Unknown keys, missing keys and shape mismatches between a checkpoint and a model config,
     each as one clear line."""
@@ -105,11 +89,25 @@ def _language_model_items(m, read):
 
 
 def write_tokenizer(path: str, out: str, m, max_positions: int) -> dict:
-    """Copy a sentencepiece model and describe it for `AutoTokenizer`; return special ids."""
+    """Copy a sentencepiece model and describe it for `AutoTokenizer`, or copy a Hugging Face
+    tokenizer folder (with the pieces `open_tokenizer` adds); return special ids."""
     import sentencepiece as spm
 
     if not os.path.exists(path):
         raise ConversionError(f"tokenizer {path}: not found (pass --tokenizer PATH, or --tokenizer none)")
+    if os.path.isdir(path):
+        from megatron_mm.data.tokenizer import open_tokenizer
+
+        try:
+            folder = open_tokenizer(path)
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
+        if folder.vocab_size > m.vocab_size:
+            raise ConversionError(f"tokenizer {path}: {folder.vocab_size} tokens > model.vocab_size={m.vocab_size}")
+        folder.save(out)
+        ids = {"bos": folder.bos if folder.bos >= 0 else None, "eos": folder.eos}
+        return {**ids, **{kind: folder.vocab[token] for kind, token in (("image", "<image>"), ("audio", "<audio>"))
+                          if token in folder.vocab}}
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.get_piece_size() > m.vocab_size:
         raise ConversionError(f"tokenizer {path}: {sp.get_piece_size()} pieces > model.vocab_size={m.vocab_size}")
@@ -151,10 +149,13 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
 
     # Tokenizer first: it decides bos/eos ids of config.json and the placeholder ids.
     os.makedirs(out, exist_ok=True)
-    token_path = find_tokenizer(cfg) if tokenizer is None else (None if tokenizer == "none" else tokenizer)
+    from megatron_mm.data import run_tokenizer  # (megatron-core: imported after the tool hid its notices)
+
+    token_path = run_tokenizer(cfg) if tokenizer is None else (None if tokenizer == "none" else tokenizer)
     if tokenizer is None and (token_path is None or not os.path.exists(token_path)):
         raise ConversionError(f"tokenizer: the run's tokenizer ({token_path or 'data.source=' + cfg.data.source}) is "
-                              "not on this machine; pass --tokenizer PATH (a sentencepiece .model) or --tokenizer none")
+                              "not on this machine; pass --tokenizer PATH (a sentencepiece .model or HF tokenizer folder) or "
+                              "--tokenizer none")
     max_positions = mapping.hf_config(m, torch.float32)["max_position_embeddings"]  # (also: can the family express m?)
     ids = write_tokenizer(token_path, out, m, max_positions) if token_path else {}
 

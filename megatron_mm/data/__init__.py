@@ -20,7 +20,7 @@ from megatron_mm.data.batches import GlobalBatchSampler, microbatch_iterator
 from megatron_mm.data.corpus import CORPUS_VERSION, generate_corpus
 from megatron_mm.data.indexed import build_gpt_datasets, write_indexed_dataset
 from megatron_mm.data.synthetic import SyntheticDataset
-from megatron_mm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megatron_mm.data.tokenizer import SentencePieceTokenizer, check_fits, open_tokenizer, train_sentencepiece
 
 __all__ = [
     "GlobalBatchSampler", "SentencePieceTokenizer", "SyntheticDataset", "build_datasets",
@@ -82,15 +82,20 @@ def prepare(cfg: Config) -> tuple[Optional[str], Optional[str]]:
     raise ValueError(f"data.source={source}: must be synthetic, corpus or indexed")
 
 
-def _open_tokenizer(cfg: Config, tokenizer_path: str) -> SentencePieceTokenizer:
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"of {tokenizer.vocab_size} ({tokenizer_path}); set model.vocab_size to at least "
-            f"{tokenizer.vocab_size}"
-        )
-    return tokenizer
+def run_tokenizer(cfg: Config) -> Optional[str]:
+    """The tokenizer a run with `cfg` trains with: `data.tokenizer` when set (an imported model's,
+    tools/convert_from_hf.py), else the one the corpus and demo sources build in their cache;
+    None for synthetic data. It may not exist on this machine."""
+    d = cfg.data
+    if d.tokenizer or d.source in ("indexed", "shards"):
+        return d.tokenizer
+    if d.source == "corpus":
+        return os.path.join(_corpus_dir(cfg), "tokenizer.model")
+    if d.source == "demo":
+        from megatron_mm.data.multimodal.prepare import demo_dir
+
+        return os.path.join(demo_dir(cfg), "tokenizer.model")
+    return None
 
 
 def build_datasets(
@@ -115,7 +120,8 @@ def build_datasets(
     if not prefix or not tokenizer_path:
         raise ValueError(f"data.source={d.source}: needs an indexed prefix and a tokenizer "
                          f"(got prefix={prefix!r}, tokenizer={tokenizer_path!r})")
-    tokenizer = _open_tokenizer(cfg, tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
+    check_fits(tokenizer, cfg.model.vocab_size)
     cache = os.path.join(os.path.expanduser(d.cache_dir), "gpt-indices")
     train, valid = build_gpt_datasets(prefix, tokenizer, m.seq_length, t.seed, d.split, None, None, cache)
     if train is None or len(train) == 0:

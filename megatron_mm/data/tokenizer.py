@@ -198,3 +198,27 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("SentencePieceTokenizer is for pretraining; it has no chat template")
+
+
+def open_tokenizer(path: str):
+    """The tokenizer `data.tokenizer` names: a sentencepiece `.model` file, or a Hugging Face
+    tokenizer folder (`tokenizer.json`; `hf_tokenizer.HFTokenizer`), which gets the multimodal
+    pieces it lacks as special tokens."""
+    if os.path.isdir(path):
+        from megatron_mm.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path, MULTIMODAL_SPECIAL_TOKENS)
+    return SentencePieceTokenizer(path)
+
+
+def check_fits(tokenizer, vocab_size: int) -> None:
+    """Refuse, in one line, a tokenizer with ids past the model's embedding rows (they would fail
+    deep inside the embedding lookup). Called where a run opens its data, right after the model's
+    config is known and before it is built or a checkpoint is loaded (`training.step_data.StepData`
+    for multimodal sources, `data.build_datasets` for text ones)."""
+    from megatron_mm.config import ConfigError
+
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError([f"data.tokenizer={tokenizer.path}: has {tokenizer.vocab_size} tokens, more than "
+                           f"model.vocab_size={vocab_size} (the model's embedding rows); set model.vocab_size to at "
+                           f"least {tokenizer.vocab_size} (tools/convert_from_hf.py grows an imported model's)"])

@@ -21,43 +21,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_mm.config import ConfigError, Config, eval_split_name, validate
+from megatron_mm.config import ConfigError, Config, eval_split_name
 from megatron_mm.data.multimodal.demo import (
     AUDIO_QUESTIONS, IMAGE_QUESTIONS, answer, describe_audio, describe_image,
 )
 from megatron_mm.data.multimodal.demo_media import COLOURS, PITCHES, SHAPES, SOUNDS
 from megatron_mm.models.attention_mask import document_attention_mode, one_sample_rows_mask
-from megatron_mm.models.gpt import transformer_config
-from megatron_mm.planning.fit import check_fits
-from megatron_mm.runtime import compat
-from megatron_mm.runtime import distributed as runtime
-from megatron_mm.training import checkpoint
-from megatron_mm.training.loop import build_model, uses_transformer_engine
+from megatron_mm.training.loop import uses_transformer_engine
+from megatron_mm.training.one_process import load_model, one_process
 from megatron_mm.training.step_data import StepData
 
 
 def evaluate(cfg: Config, max_samples: int = 400) -> dict:
-    env = runtime.dist_env()
-    hardware = runtime.detect_hardware()
-    validate(cfg, env.world_size, hardware)
-    check_fits(cfg, env.world_size, hardware)
-    if env.world_size != 1:
-        raise ConfigError([f"world size={env.world_size}: evaluation runs on one process"])
-    if not cfg.checkpoint.load:
-        raise ConfigError(["checkpoint.load=None: name the checkpoint to evaluate"])
-    if cfg.data.source == "shards" and not cfg.data.eval_shards:
-        raise ConfigError(["data.eval_shards=[]: name the held-out shards to evaluate on (folders or globs; "
-                           "tools/prepare_multimodal.py --heldout makes them)"])
-    device = runtime.init_distributed(env, hardware)
-    try:
-        runtime.init_model_parallel(cfg.parallel)
-        compat.apply(hardware)
-        compat.seed_everything(cfg.train.seed)
+    with one_process(cfg) as (env, hardware, device):
+        if cfg.data.source == "shards" and not cfg.data.eval_shards:
+            raise ConfigError(["data.eval_shards=[]: name the held-out shards to evaluate on (folders or globs; "
+                               "tools/prepare_multimodal.py --heldout makes them)"])
         data = StepData(cfg, env, device)
-        tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
-        model = build_model(cfg, tc, hardware, data.placeholder_ids)
-        iteration, _, _ = checkpoint.load(cfg.checkpoint.load, model, None, None, cfg)
-        model = model[0].eval()
+        model, iteration = load_model(cfg, hardware, data.placeholder_ids)
         documents = document_attention_mode(cfg, uses_transformer_engine(hardware))
         with torch.no_grad():
             if not data.multimodal:
@@ -73,8 +54,6 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
             return {"iteration": iteration,
                     **{name: _multimodal(cfg, data, model, device, documents, shards, max_samples, questions)
                        for name, shards in splits.items()}}
-    finally:
-        runtime.shutdown()
 
 
 def _sequence_logprobs(model, device, documents, batch: list, media: dict) -> torch.Tensor:

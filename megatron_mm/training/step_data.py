@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 
 from megatron_mm import data as data_lib
 from megatron_mm.config import MULTIMODAL_SOURCES, Config, ConfigError
-from megatron_mm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, SentencePieceTokenizer
+from megatron_mm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_fits, open_tokenizer
 
 
 def _prepare_once_per_node(env, prepare):
@@ -40,11 +40,8 @@ class StepData:
             from megatron_mm.data.multimodal.prepare import multimodal_files
 
             self.shards, tokenizer_path = _prepare_once_per_node(env, lambda: multimodal_files(cfg))
-            self.tokenizer = SentencePieceTokenizer(tokenizer_path)
-            if self.tokenizer.vocab_size > cfg.model.vocab_size:  # ids past the embedding would fail deep inside
-                raise ConfigError([f"data.tokenizer={tokenizer_path}: has {self.tokenizer.vocab_size} pieces, more "
-                                   f"than model.vocab_size={cfg.model.vocab_size} (the model's embedding rows); "
-                                   f"set model.vocab_size to at least {self.tokenizer.vocab_size}"])
+            self.tokenizer = open_tokenizer(tokenizer_path)
+            check_fits(self.tokenizer, cfg.model.vocab_size)
             self.placeholder_ids = {"image": self.tokenizer.special_token_id(IMAGE_TOKEN),
                                     "audio": self.tokenizer.special_token_id(AUDIO_TOKEN)}
         else:

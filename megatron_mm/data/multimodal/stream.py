@@ -92,14 +92,27 @@ def collate(sequences: list[PackedSequence]) -> dict:
     }
 
 
+def media_spec(cfg) -> MediaSpec:
+    """What the loaders make of an image or a clip for this model (the published processors'
+    steps with the model's settings: image_spec.py, melspec.py)."""
+    m = cfg.model
+    return MediaSpec(**(dict(image=image_spec(m.vision)) if m.vision else {}),
+                     **(dict(mel_frames=m.audio.max_frames, mel_bins=m.audio.num_mel_bins) if m.audio else {}))
+
+
+def text_formatter(cfg, tokenizer) -> TextFormatter:
+    """The chat template and placeholder runs of this model's media."""
+    m = cfg.model
+    return TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
+                         num_audio_tokens=m.audio.num_tokens if m.audio else 1)
+
+
 def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, position: int,
                 device_id: Optional[int], log=print) -> MultimodalBatches:
     """The configured loader (`data.loader`) over `shards` for this data-parallel rank, from
     `position`, formatted and packed for the model. `device_id`: the GPU DALI decodes on."""
     m, d = cfg.model, cfg.data
-    spec = MediaSpec(**(dict(image=image_spec(m.vision)) if m.vision else {}),
-                     **(dict(mel_frames=m.audio.max_frames, mel_bins=m.audio.num_mel_bins) if m.audio else {}))
-    common = dict(spec=spec, dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
+    common = dict(spec=media_spec(cfg), dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
                   cache_dir=os.path.join(os.path.expanduser(d.cache_dir), "shard-index"), log=log)
     # Each loader module is imported only when chosen: DALI's takes ~1 s, the PyTorch one's
     # transformers ~1.5 s (imported here, in the main process, its DataLoader workers inherit it).
@@ -111,6 +124,5 @@ def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, positio
         from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
 
         loader = TorchMediaLoader(shards, num_workers=0, **common)
-    formatter = TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
-                              num_audio_tokens=m.audio.num_tokens if m.audio else 1)
-    return MultimodalBatches(loader, formatter, m.seq_length, cfg.train.micro_batch_size, tokenizer.pad, log)
+    return MultimodalBatches(loader, text_formatter(cfg, tokenizer), m.seq_length, cfg.train.micro_batch_size,
+                             tokenizer.pad, log)
