@@ -118,10 +118,25 @@ def test_no_tokens_and_one_busy_expert(one_rank, tokens):
 
 def test_loop_fallback_equals_grouped_kernel(one_rank, monkeypatch):
     """Where `torch._grouped_mm` cannot serve (pre-Hopper GPUs, other dtypes), the same
-    module runs a loop over the experts: same parameters, same numbers."""
+    module runs a loop over the experts: same parameters, same numbers. On the CPU the kernel
+    does run: fc1 and fc2 forward, then each one's input- and weight-gradient GEMMs."""
+    calls = []
+    kernel_op = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or kernel_op(*a, **k))
     kernel = _run(_experts(True))
+    assert len(calls) == 6
     monkeypatch.setattr(grouped_gemm, "uses_grouped_kernel", lambda x, n: False)
     _assert_same_run(kernel, _run(_experts(True)))
+    assert len(calls) == 6
+
+
+def test_backward_keeps_no_stacked_weight_copy(one_rank):
+    """What forward saves for backward: the parameters themselves and the inputs, no
+    (experts, out, in) stack (one more copy of the rank's expert weights per layer in flight)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        _run(_experts(True))
+    assert saved and not [shape for shape in saved if len(shape) == 3]
 
 
 def test_five_adam_steps_same_losses(one_rank):

@@ -13,10 +13,15 @@ a per-group loop inside torch on the CPU. What it needs, and how it is met here:
   (only FP8/FP4 grouped GEMMs pad groups, TE's `Fp8Padding`; FP8 experts are TE's path).
   The kernel's 16-byte rule applies to row strides and base pointers, i.e. to the static
   hidden and expert-FFN sizes (multiples of 8 in bf16), checked from shapes, never from data.
-* Its backward (torch's autograd formula) rejects a stride-0 output gradient ("Invalid
-  strides/sizes", e.g. from `out.sum().backward()`) and a call with no rows at all (the
-  weight gradient's contraction is then empty): the output gradient is made contiguous
-  (`_ContiguousGrad`), and an empty call takes the loop.
+* Its own backward (`_GroupedLinear`), for memory: torch's autograd formula would keep the
+  stacked (groups, out, in) weight copy alive from forward to backward, one more copy of the
+  rank's expert weights per MoE layer and micro-batch in flight; here forward and backward
+  each stack the weights for their call only and keep the parameters themselves. Input
+  gradient: a grouped GEMM with the weights untransposed; weight gradients: one grouped GEMM
+  of the 2-D x 2-D form (`grad.T @ x`, grouped along the rows). The incoming gradient is made
+  contiguous first (the kernel rejects the stride-0 one `out.sum()` gives), and a call with no
+  rows at all takes the loop (the weight gradients' contraction would be empty, which the
+  kernel's layout check rejects).
 * Where the kernel cannot serve the call (CUDA before Hopper, a dtype other than bf16 on CUDA,
   unaligned sizes), the same math runs as a loop of `F.linear` over the groups: the same
   parameters and results, one matmul per group.
@@ -28,18 +33,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity; its backward hands the incoming gradient on as a contiguous tensor."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 def uses_grouped_kernel(x: torch.Tensor, out_features: int) -> bool:
@@ -59,14 +52,32 @@ def group_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> torc
     return torch.cumsum(tokens_per_expert, 0, dtype=torch.int32).to(device, non_blocking=True)
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """`torch._grouped_mm` forward and backward over per-expert weights, keeping no stacked copy."""
+
+    @staticmethod
+    def forward(ctx, x, offs, *weights):
+        ctx.save_for_backward(x, offs, *weights)
+        return torch._grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offs, *weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad, torch.stack(weights), offs=offs)
+        if any(ctx.needs_input_grad[2:]):
+            grad_w = torch._grouped_mm(grad.t(), x, offs=offs).unbind(0)  # (groups, out, in)
+        return (grad_x, None, *(grad_w if grad_w is not None else [None] * len(weights)))
+
+
 def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
                    tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """`cat_g(x_g @ weights[g].T)` for the row groups `x_g` of sizes `tokens_per_expert`;
     `weights[g]` is (out, in), as `F.linear` takes it. Differentiable in `x` and every weight."""
     if uses_grouped_kernel(x, weights[0].shape[0]):
-        stacked = torch.stack(list(weights))  # (groups, out, in); its gradient splits back per weight
-        out = torch._grouped_mm(x, stacked.transpose(-2, -1), offs=group_offsets(tokens_per_expert, x.device))
-        return _ContiguousGrad.apply(out)
+        return _GroupedLinear.apply(x, group_offsets(tokens_per_expert, x.device), *weights)
     sizes = tokens_per_expert.tolist()
     parts = [F.linear(rows, w) for rows, w in zip(torch.split(x, sizes), weights)]
     return torch.cat(parts) if parts else x.new_empty(0, weights[0].shape[0])
