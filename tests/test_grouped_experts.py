@@ -228,7 +228,7 @@ def test_expert_tensor_parallel_module_level(tmp_path):
 
 # --------------------------------------------------------------------------- training under EP2
 
-TRAIN = ["train.steps=5", "checkpoint.save_interval=4", "logging.interval=1", "logging.tensorboard=false",
+TRAIN = ["train.steps=5", "train.global_batch_size=4", "checkpoint.save_interval=4", "logging.interval=1", "logging.tensorboard=false",
          "parallel.ep=2"]
 
 
