@@ -30,7 +30,8 @@ setup(
         # triton: the kernels/ tests run its CPU interpreter (GPU machines have the triton their torch
         # needs); accelerate: transformers' FP8 loader, which tests/test_fp8_blockwise.py compares against.
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "nvidia-dali-cuda120", "transformers>=5.24,<6", "safetensors",
-                "protobuf", "triton; platform_system == 'Linux'", "accelerate"],
+                "protobuf", "triton; platform_system == 'Linux'", "accelerate",
+                "nvidia-cuda-cuobjdump"],  # tools/te_bundle.py verify checks its listing against cuobjdump's
         # Loading converted folders (megatron_mm.conversion.hf_model) and checking conversions
         # (tools/verify_hf.py); the converters themselves need neither.
         "hf": ["transformers>=5.24,<6", "safetensors", "protobuf"],

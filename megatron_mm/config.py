@@ -26,44 +26,77 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class VisionConfig:
-    """SigLIP-style ViT on pipeline stage 0 and its projector into the LLM hidden size."""
+class ImagePreprocessConfig:
+    """model.vision.preprocess: transformers' SiglipImageProcessor (resize: fixed) or
+    CLIPImageProcessor (resize: shortest_edge, center_crop: true) with these settings, in both
+    loaders (data/multimodal/image_spec.py). `conversion.hf_preprocessor` fills it from an encoder
+    folder's preprocessor_config.json. Pixels x (0-255, RGB, transparency on white) become
+    (x * rescale_factor - mean) / std. The default is SigLIP's normalisation with a bilinear resize."""
 
+    resize: str = "fixed"  # fixed: size x size; shortest_edge: the shorter side to size, aspect kept
+    size: Optional[int] = None  # the resize target; None: model.vision.image_size
+    # crop the model.vision.image_size square from the centre after resizing (CLIP's crop_size is
+    # the encoder's image size, so it is not a setting of its own)
+    center_crop: bool = False
+    resample: str = "bilinear"  # nearest, bilinear, bicubic or lanczos (Pillow's; SigLIP and CLIP: bicubic)
+    rescale_factor: float = 1 / 255  # 1.0: mean/std on the 0-255 scale
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class VisionConfig:
+    """A SigLIP or CLIP vision tower on pipeline stage 0 and its projector into the LLM hidden size."""
+
+    arch: str = "siglip"  # siglip (SiglipVisionModel) | clip (CLIPVisionModel: class token, pre-LayerNorm)
     image_size: int = 32  # images are resized to image_size x image_size
     patch_size: int = 8
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     ffn_hidden_size: int = 128
+    layer_norm_eps: float = 1e-6  # SigLIP 1e-6, CLIP 1e-5 (config.json's layer_norm_eps)
+    # Which hidden state feeds the projector, counted as transformers' `hidden_states` (and
+    # LLaVA's `vision_feature_layer`): -1 the last layer's output, -2 the penultimate (LLaVA
+    # with CLIP); layers after it are kept (for export) but frozen and not run.
+    feature_layer: int = -1
+    post_layernorm: bool = False  # apply the tower's post-LayerNorm (SigLIP's last_hidden_state); needs feature_layer -1
+    keep_class_token: bool = False  # CLIP: keep the class token among the features (LLaVA drops it)
     projector: str = "mlp"  # mlp: one LLM token per patch; resampler: `resampler_tokens` learned queries
     resampler_tokens: int = 8
-    # Per-channel RGB normalisation (0-255 scale) applied by the loaders: (x - mean) / std.
-    # The default is SigLIP's (x/255 - 0.5) / 0.5; a ViT trained from scratch wants the data
-    # set's own statistics (configs/models/tiny_multimodal.yaml says why).
-    image_mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
-    image_std: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    # How the loaders make an image file into the encoder's input (the published processors).
+    preprocess: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_features(self) -> int:
+        """Encoder outputs an image gives the projector (or the resampler)."""
+        return self.num_patches + (1 if self.arch == "clip" and self.keep_class_token else 0)
+
+    @property
     def num_tokens(self) -> int:
         """LLM positions one image occupies."""
-        return self.resampler_tokens if self.projector == "resampler" else self.num_patches
+        return self.resampler_tokens if self.projector == "resampler" else self.num_features
 
 
 @dataclass
 class AudioConfig:
-    """Whisper-style encoder over log-mel frames on pipeline stage 0, and its projector."""
+    """A Whisper encoder over log-mel frames on pipeline stage 0, and its projector."""
 
-    num_mel_bins: int = 80
-    max_frames: int = 100  # 10 ms frames: 100 = 1 s of 16 kHz audio
+    arch: str = "whisper"  # WhisperEncoder: two GELU convolutions, fixed sinusoidal positions, final LayerNorm
+    num_mel_bins: int = 80  # Whisper's feature_size: 80, or 128 (large-v3)
+    # The window every clip is zero-padded or cut to before its log-mel (WhisperFeatureExtractor's
+    # max_length), in 10 ms frames: 100 = 1 s; Whisper's 30 s chunk is 3000 = max_source_positions * 2.
+    max_frames: int = 100
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     ffn_hidden_size: int = 128
     pool: int = 4  # average-pool the encoder's frames by this factor before projecting
+    layer_norm_eps: float = 1e-5  # Whisper's LayerNorm (torch's default)
 
     @property
     def num_frames(self) -> int:
@@ -485,6 +518,8 @@ def eval_split_name(spec: str) -> str:
     return os.path.basename(path if os.path.isdir(path) or not glob.has_magic(path) else os.path.dirname(path))
 
 
+RESIZE_MODES = ("fixed", "shortest_edge")
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 FP8_RECIPES = (None, "delayed", "tensorwise", "blockwise")
 DATA_SOURCES = ("synthetic", "corpus", "indexed", "demo", "shards")
 MULTIMODAL_SOURCES = ("demo", "shards")
@@ -579,6 +614,7 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
             continue
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             rule(getattr(enc, name) >= 1, f"{prefix}.{name}", getattr(enc, name), "must be at least 1")
+        rule(enc.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", enc.layer_norm_eps, "must be positive")
         if enc.num_attention_heads >= 1:
             rule(enc.hidden_size % enc.num_attention_heads == 0, f"{prefix}.hidden_size", enc.hidden_size,
                  f"must be divisible by {prefix}.num_attention_heads={enc.num_attention_heads}")
@@ -594,11 +630,36 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
         rule(vis.projector in ("mlp", "resampler"), "model.vision.projector", vis.projector,
              "must be mlp or resampler")
         rule(vis.resampler_tokens >= 1, "model.vision.resampler_tokens", vis.resampler_tokens, "must be at least 1")
-        for key, values in (("image_mean", vis.image_mean), ("image_std", vis.image_std)):
-            rule(len(values) == 3, f"model.vision.{key}", values, "must have 3 values (R, G, B)")
-        rule(all(v > 0 for v in vis.image_std), "model.vision.image_std", vis.image_std, "must be positive")
+        pre, key = vis.preprocess, "model.vision.preprocess"
+        rule(pre.resize in RESIZE_MODES, f"{key}.resize", pre.resize, f"must be {' or '.join(RESIZE_MODES)}")
+        rule(pre.resample in RESAMPLE_FILTERS, f"{key}.resample", pre.resample,
+             f"must be one of {', '.join(RESAMPLE_FILTERS)}")
+        target = vis.image_size if pre.size is None else pre.size
+        if pre.center_crop:
+            rule(target >= vis.image_size, f"{key}.size", pre.size,
+                 f"must be at least model.vision.image_size={vis.image_size} to crop that square from it")
+        else:
+            rule(pre.resize == "fixed", f"{key}.resize", pre.resize,
+                 "needs model.vision.preprocess.center_crop=true (the encoder takes a square image)")
+            rule(target == vis.image_size, f"{key}.size", pre.size,
+                 f"must be null or model.vision.image_size={vis.image_size} without center_crop")
+        rule(pre.rescale_factor > 0, f"{key}.rescale_factor", pre.rescale_factor, "must be > 0")
+        for name, values in (("mean", pre.mean), ("std", pre.std)):
+            rule(len(values) == 3, f"{key}.{name}", values, "must have 3 values (R, G, B)")
+        rule(all(v > 0 for v in pre.std), f"{key}.std", pre.std, "must be positive")
+        rule(vis.arch in ("siglip", "clip"), "model.vision.arch", vis.arch, "must be siglip or clip")
+        rule(vis.num_layers < 1 or (-vis.num_layers <= vis.feature_layer <= vis.num_layers and vis.feature_layer != 0),
+             "model.vision.feature_layer", vis.feature_layer,
+             f"must select a layer: 1..{vis.num_layers} or -1..-{vis.num_layers} (model.vision.num_layers={vis.num_layers})")
+        rule(not vis.post_layernorm or vis.feature_layer in (-1, vis.num_layers), "model.vision.post_layernorm",
+             vis.post_layernorm, f"needs the last layer's features (model.vision.feature_layer={vis.feature_layer})")
+        rule(not vis.keep_class_token or vis.arch == "clip", "model.vision.keep_class_token", vis.keep_class_token,
+             f"only CLIP has a class token (model.vision.arch={vis.arch})")
     if aud is not None:
         rule(aud.num_mel_bins >= 1, "model.audio.num_mel_bins", aud.num_mel_bins, "must be at least 1")
+        rule(aud.arch == "whisper", "model.audio.arch", aud.arch, "must be whisper")
+        rule(aud.max_frames % 2 == 0, "model.audio.max_frames", aud.max_frames,
+             "must be even (Whisper: twice the positions after the stride-2 convolution)")
         rule(aud.pool >= 1 and aud.max_frames >= 1 and aud.num_tokens >= 1, "model.audio.max_frames", aud.max_frames,
              f"leaves no audio token after the stride-2 convolution and pooling by model.audio.pool={aud.pool}")
     mm_source = cfg.data.source in MULTIMODAL_SOURCES

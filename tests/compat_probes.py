@@ -56,6 +56,10 @@ def cuda_devices_to_cpu():
     assert emb.inv_freq.device.type == "cpu"
     assert torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+    from megatron.core.models.vision import clip_vit_model  # models/encoders.py VisionTower's constructor
+
+    assert ".cuda()" in inspect.getsource(clip_vit_model.CLIPViTModel.__init__)
+    assert torch.arange(3).cuda().device.type == "cpu"
 
 
 def cpu_streams():

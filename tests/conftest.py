@@ -76,6 +76,19 @@ def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool =
     return proc
 
 
+def pretrain_in_turn(runs: list[list[str]], runs_file: str, timeout: int = 900, config: str = QUICKSTART) -> None:
+    """One-rank pretraining runs (a list of overrides each) one after another in one process
+    (tests/helpers/train_in_turn.py, reading them from `runs_file`): each as
+    `pretrain(1, overrides)` would, with one process start for all."""
+    with open(runs_file, "w") as f:
+        json.dump([[config, overrides] for overrides in runs], f)
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "helpers", "train_in_turn.py"), runs_file]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def tool(name: str, args: list[str], capsys) -> tuple[int, str, str]:
     """Run tools/NAME.py's main(args) in this process: (exit code, stdout, stderr)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))

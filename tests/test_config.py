@@ -250,6 +250,18 @@ BAD = [
     bad("auto split with a full last stage", "parallel.last_stage_layers=4: leaves 0 of model.num_layers=4 for the "
         "other 1 stage(s): must be at least 1", ["parallel.pp=2", "parallel.last_stage_layers=4"], world=2,
         config=MULTIMODAL),
+    bad("image resize not square", "model.vision.preprocess.resize=shortest_edge: needs "
+        "model.vision.preprocess.center_crop=true (the encoder takes a square image)",
+        ["model.vision.preprocess.resize=shortest_edge"], config=MULTIMODAL),
+    bad("image crop larger than the resize", "model.vision.preprocess.size=24: must be at least "
+        "model.vision.image_size=32 to crop that square from it",
+        ["model.vision.preprocess.center_crop=true", "model.vision.preprocess.size=24"], config=MULTIMODAL),
+    bad("image resize to another size", "model.vision.preprocess.size=40: must be null or model.vision.image_size=32 "
+        "without center_crop", ["model.vision.preprocess.size=40"], config=MULTIMODAL),
+    bad("image filter", "model.vision.preprocess.resample=box: must be one of nearest, bilinear, bicubic, lanczos",
+        ["model.vision.preprocess.resample=box"], config=MULTIMODAL),
+    bad("image std", "model.vision.preprocess.std=[0.5, 0.0, 0.5]: must be positive",
+        ["model.vision.preprocess.std=[0.5,0,0.5]"], config=MULTIMODAL),
     bad("world % tp*pp", "parallel.tp*parallel.pp=2: must divide the world size 3", ["parallel.pp=2"], world=3),
     bad("gbs % mbs*dp", "train.global_batch_size=6: must be divisible by train.micro_batch_size*data_parallel=4*1=4",
         ["train.global_batch_size=6", "train.micro_batch_size=4"]),

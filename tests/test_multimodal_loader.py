@@ -14,6 +14,7 @@ import torch
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from megatron_mm.data.multimodal.fixture import fixture_sample, write_fixture_shards, write_shard  # noqa: E402
+from megatron_mm.data.multimodal.image_spec import ImageSpec  # noqa: E402
 from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader  # noqa: E402
 from megatron_mm.data.multimodal.plan import SamplePlan  # noqa: E402
 from megatron_mm.data.multimodal.samples import MediaSpec  # noqa: E402
@@ -22,10 +23,11 @@ from megatron_mm.data.multimodal.shard_index import load_catalogue, resolve_shar
 dali = pytest.importorskip("megatron_mm.data.multimodal.loader_dali")
 
 # Measured on the fixture (README): images differ by at most 5/255 levels (resize kernels,
-# JPEG IDCT); mels of 16 kHz clips by < 1e-4; of 44.1 kHz clips by < 0.1 (max) near 8 kHz,
-# where DALI's and scipy's anti-alias filters differ, and ~1e-3 on average.
+# JPEG IDCT); mels of 16 kHz clips by < 1e-4; of 44.1 kHz clips by < 0.18 (max) in the top mel
+# bin (near 8 kHz, where DALI's and scipy's anti-alias filters differ; most at the frame where a
+# clip shorter than the window is cut to silence, a broadband step), and ~1e-3 on average.
 IMAGE_TOL = 6 / 127.5
-MEL_TOL_16K, MEL_TOL_RESAMPLED, MEL_MEAN_TOL_RESAMPLED = 1e-3, 0.15, 5e-3
+MEL_TOL_16K, MEL_TOL_RESAMPLED, MEL_MEAN_TOL_RESAMPLED = 1e-3, 0.2, 5e-3
 
 
 def loaders(shards, cache, log=None, **kwargs):
@@ -93,9 +95,10 @@ def test_loaders_agree(shards, tmp_path):
 
 
 def test_image_normalisation_from_spec(shards, tmp_path):
-    """model.vision.image_mean/std reach both loaders: (x - mean) / std per channel."""
+    """model.vision.preprocess's rescale_factor/mean/std reach both loaders:
+    (x * rescale_factor - mean) / std per channel."""
     mean, std = (20.0, 40.0, 60.0), (50.0, 25.0, 100.0)
-    spec = MediaSpec(image_size=32, mel_frames=100, image_mean=mean, image_std=std)
+    spec = MediaSpec(image=ImageSpec(32, rescale_factor=1.0, mean=mean, std=std), mel_frames=100)
     plain = {n: take(l, 22) for n, l in loaders(shards, str(tmp_path)).items()}
     custom = {n: take(l, 22) for n, l in loaders(shards, str(tmp_path), spec=spec).items()}
     m, sd = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)

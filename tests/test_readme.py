@@ -47,6 +47,9 @@ SKIPPED = {
     "--set run.dir=runs/stage2": "needs stage 1's checkpoint (above)",
     "configs/ablations/tiny_cpu.yaml": "over 3 minutes in CI (9 layouts, 2 min 4 s on a quiet machine); "
                                        "tests/test_ablate.py runs the same tool on two layouts",
+    "tools/gpu_report.py": "needs a GPU for its numbers; tests/test_gpu_report.py runs its --cpu-smoke mode",
+    "tools/te_bundle.py": "downloads and rewrites NVIDIA's 276 MB wheel (results/te_bundle.md); tests/test_te_bundle.py "
+                          "runs every step but the GPU smoke on a synthetic wheel",
     "--hf DeepSeek-V2-Lite": "needs DeepSeek-V2-Lite's released weights (31 GB), which cannot be downloaded here; "
                              "tests/test_hf_import_families.py imports V2- and V2-Lite-shaped folders saved by "
                              "transformers",

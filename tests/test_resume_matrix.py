@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from conftest import TEXT_COMMON, TEXT_STEPS, losses, pretrain
+from conftest import TEXT_COMMON, TEXT_STEPS, losses, pretrain, pretrain_in_turn
 from megatron_mm.conversion.dcp import DistCheckpointReader
 
 RESUME_AT, NEXT_STEPS = 4, 3
@@ -45,22 +45,38 @@ MATRIX = {
     "dp2": ["ep2", "single", "single_plain"],
 }
 PAIRS = [(source, target) for source, targets in MATRIX.items() for target in targets]
+MOMENT_PAIRS = [("single", "ep2"), ("ep2", "single"), ("tp2_pp2_ep2", "single_plain")]
+# the one-rank resumes of this module (source, target, steps): run in turn in one process
+IN_TURN = [(s, t, RESUME_AT + NEXT_STEPS) for s, t in PAIRS if TARGETS[t][0] == 1] + [
+    (s, t, RESUME_AT) for s, t in MOMENT_PAIRS if TARGETS[t][0] == 1] + [
+    ("single", "single", RESUME_AT + NEXT_STEPS)]  # last: bit for bit after all the others
 _runs: dict[tuple, str] = {}
+
+
+def _resume_run(text_layout_runs, root, source, target, steps, checkpoint) -> tuple[str, list[str]]:
+    """(run folder, overrides) of `source`'s iteration-4 checkpoint (or `checkpoint`) resumed
+    under `target` up to step `steps`."""
+    run = os.path.join(root, f"{source}-to-{target}-{steps}" + ("-chained" if checkpoint else ""))
+    checkpoint = checkpoint or os.path.join(text_layout_runs(source), "checkpoints", f"iter_{RESUME_AT:07d}")
+    # the source's schedule (decay over its 10 steps), not one fitted to this shorter run
+    return run, TEXT_COMMON + text_layout_runs.data + TARGETS[target][1] + [
+        f"train.steps={steps}", f"train.scheduler.decay_steps={TEXT_STEPS}", "checkpoint.save_interval=0",
+        f"checkpoint.load={checkpoint}", f"run.dir={run}"]
 
 
 def resume(text_layout_runs, root, source: str, target: str, steps: int = RESUME_AT + NEXT_STEPS,
            checkpoint: str | None = None) -> str:
     """The run folder of `source`'s iteration-4 checkpoint (or `checkpoint`) resumed under
-    `target` up to step `steps` (at most once a module: some tests share runs)."""
+    `target` up to step `steps` (at most once a module: some tests share runs). The first
+    one-rank resume asked for runs all of IN_TURN in one process."""
     key = (source, target, steps, checkpoint)
+    if key not in _runs and checkpoint is None and (source, target, steps) in IN_TURN:
+        runs = {(s, t, n, None): _resume_run(text_layout_runs, root, s, t, n, None) for s, t, n in IN_TURN}
+        pretrain_in_turn([sets for _, sets in runs.values()], os.path.join(root, "in_turn.json"))
+        _runs.update({k: run for k, (run, _) in runs.items()})
     if key not in _runs:
-        run = os.path.join(root, f"{source}-to-{target}-{steps}" + ("-chained" if checkpoint else ""))
-        checkpoint = checkpoint or os.path.join(text_layout_runs(source), "checkpoints", f"iter_{RESUME_AT:07d}")
-        nproc, sets = TARGETS[target]
-        # the source's schedule (decay over its 10 steps), not one fitted to this shorter run
-        pretrain(nproc, TEXT_COMMON + text_layout_runs.data + sets + [
-            f"train.steps={steps}", f"train.scheduler.decay_steps={TEXT_STEPS}", "checkpoint.save_interval=0",
-            f"checkpoint.load={checkpoint}", f"run.dir={run}"])
+        run, sets = _resume_run(text_layout_runs, root, source, target, steps, checkpoint)
+        pretrain(TARGETS[target][0], sets)
         _runs[key] = run
     return _runs[key]
 
@@ -79,10 +95,13 @@ def test_next_steps_match_the_source(text_layout_runs, root, source, target):
         assert loss == pytest.approx(want[step], rel=LOSS_TOLERANCE), (source, target, step, loss, want[step])
 
 
-def test_same_layout_resume_is_bit_exact(text_layout_runs, root):
-    """The reference above: under EP2 (a chained expert optimizer, RNG restored), resuming
-    repeats the uninterrupted run's losses exactly."""
-    got, want = losses(resume(text_layout_runs, root, "ep2", "ep2")), losses(text_layout_runs("ep2"))
+@pytest.mark.parametrize("layout", ["ep2", "single"])
+def test_same_layout_resume_is_bit_exact(text_layout_runs, root, layout):
+    """The reference above: resuming in the saving layout repeats the uninterrupted run's
+    losses exactly. EP2: a chained expert optimizer, RNG restored. One rank: run in turn after
+    every other one-rank resume of this module in the same process, so nothing of those runs
+    may carry into it."""
+    got, want = losses(resume(text_layout_runs, root, layout, layout)), losses(text_layout_runs(layout))
     assert got == {step: want[step] for step in got}
 
 
@@ -106,7 +125,7 @@ def _optimizer_state(folder: str) -> tuple[float, dict[str, torch.Tensor]]:
     return reader.common["optimizer"]["step"], moments
 
 
-@pytest.mark.parametrize("source,target", [("single", "ep2"), ("ep2", "single"), ("tp2_pp2_ep2", "single_plain")])
+@pytest.mark.parametrize("source,target", MOMENT_PAIRS)
 def test_moments_and_step_count_come_across(text_layout_runs, root, source, target):
     """Resumed with nothing to train, the run saves the state it loaded: Adam's moments of
     every parameter and the step count, exactly as the source saved them."""

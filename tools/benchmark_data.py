@@ -25,11 +25,12 @@ from megatron_mm.runtime.compat import before_megatron_import  # noqa: E402
 before_megatron_import()  # its notices hidden, its fused functions compiled when first used
 
 from megatron_mm.data.multimodal.fixture import write_fixture_shards  # noqa: E402
+from megatron_mm.data.multimodal.image_spec import ImageSpec  # noqa: E402
 from megatron_mm.data.multimodal.samples import MediaSpec  # noqa: E402
 
 
 def make_loader(kind: str, args: argparse.Namespace):
-    common = dict(spec=MediaSpec(args.image_size, args.mel_frames), cache_dir=args.cache_dir)
+    common = dict(spec=MediaSpec(ImageSpec(args.image_size), args.mel_frames), cache_dir=args.cache_dir)
     if kind == "dali":
         from megatron_mm.data.multimodal.loader_dali import DaliMediaLoader
         return DaliMediaLoader(args.shards, batch_size=args.batch, num_threads=args.workers, **common)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.config import Config, ConfigError, Hardware, ParallelConfig, _build, to_dict, validate
-from megatron_mm.conversion import fp8, mapping
+from megatron_mm.conversion import encoder_mapping, fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointWriter
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader, nbytes
@@ -193,12 +193,31 @@ def check_hf_tensors(reader: HFFolderReader | fp8.DequantizingReader, m) -> None
 
 def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None, base: Optional[Config] = None,
                     dtype: Optional[torch.dtype] = None, iteration: int = 0, progress: bool = True,
-                    mtp_layers: Optional[int] = None, seed: Optional[int] = None) -> dict:
+                    mtp_layers: Optional[int] = None, seed: Optional[int] = None,
+                    vision: Optional[str] = None, audio: Optional[str] = None,
+                    encoder_overrides: Optional[list[str]] = None) -> dict:
     """Write `out/iter_{iteration}` + the tracker; `base` supplies the non-model sections of the
     stored config (and, if given, must agree with config.json on the model shape).
     `mtp_layers`: see `resolve_mtp`; fresh modules are drawn with `seed` (default: the stored
-    config's train.seed)."""
+    config's train.seed). `vision` / `audio`: a SigLIP or CLIP folder / a Whisper folder whose
+    encoder joins the language model (encoder_mapping.py); their projectors are drawn fresh with
+    the same seed; the encoder's training choices (feature layer, projector, ...) come from
+    `base`'s model.vision / model.audio when it has them, then `encoder_overrides`
+    (`model.vision.KEY=VALUE` / `model.audio.KEY=VALUE`)."""
     m, ours = model_config(hf)
+    imported = {}
+    for kind, folder in (("vision", vision), ("audio", audio)):
+        if folder is None:
+            continue
+        if getattr(m, kind) is not None:
+            raise ConversionError(f"--{kind} {folder}: {hf} already holds a {kind} encoder ({OURS_FILE})")
+        choices = getattr(base.model, kind) if base is not None else None
+        read = encoder_mapping.vision_config_from_hf if kind == "vision" else encoder_mapping.audio_config_from_hf
+        enc = read(folder, choices)
+        mine = [o for o in encoder_overrides or [] if o.startswith(f"model.{kind}.")]
+        enc = encoder_mapping.with_choices(kind, enc, mine, folder) if mine else enc
+        m = dataclasses.replace(m, **{kind: enc})
+        imported[kind] = encoder_mapping.EncoderFolder(folder, kind, enc, HFFolderReader(folder))
     reader = fp8.reader_for(HFFolderReader(hf), read_hf_config(hf)[0], dtype)  # FP8 weights read dequantized
     mtp = resolve_mtp(m, reader, mtp_layers)
     check_hf_tensors(reader, dataclasses.replace(m, mtp_num_layers=mtp.in_folder))
@@ -214,6 +233,9 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     fresh_seed = cfg.train.seed if seed is None else seed
     if mtp.note:
         print(f"from HF: {mtp.note}{f' (seed {fresh_seed})' if mtp.fresh else ''}", file=sys.stderr, flush=True)
+    for source in imported.values():
+        if source.note:
+            print(f"from HF: {source.note}", file=sys.stderr, flush=True)
     encoders = None
     if ours.get("encoders_file"):
         path = os.path.join(hf, ours["encoders_file"])
@@ -224,6 +246,11 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
         stray = sorted(k for k in encoders.keys() if not k.startswith(wanted))
         if stray:
             raise ConversionError(f"{path}: unknown key {stray[0]} (no encoder of that kind in {OURS_FILE})")
+    fresh_projectors = set(imported)  # --vision / --audio; a folder of ours brings its projectors
+    for kind, sub in (ours.get("encoder_folders") or {}).items():
+        enc = getattr(m, kind)
+        imported[kind] = encoder_mapping.EncoderFolder(os.path.join(hf, sub), kind, enc,
+                                                       HFFolderReader(os.path.join(hf, sub)))
 
     layout = Layout(cfg.parallel, m.num_layers)
     unfinished = new_iteration_folder(out, iteration)
@@ -278,6 +305,17 @@ def convert_from_hf(hf: str, out: str, parallel: Optional[ParallelConfig] = None
     if encoders is not None:
         for key in encoders.keys():
             put(key, None, encoders.read(key), shape=encoders.shape(key))
+    for kind, source in imported.items():
+        enc = getattr(m, kind)
+        tensors = encoder_mapping.megatron_tensors(kind, enc, source)
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+        for key, tensor in encoder_mapping.stack_layers(tensors):
+            put(key, None, cast(tensor), shape=tuple(tensor.shape))
+        if kind not in fresh_projectors:
+            continue
+        for key, tensor in encoder_mapping.fresh_projector(kind, enc, m.hidden_size, m.init_method_std, fresh_seed,
+                                                           weights_dtype if dtype is None else dtype):
+            put(key, None, tensor, shape=tuple(tensor.shape))
     bar.close()
 
     common = {

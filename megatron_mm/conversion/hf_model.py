@@ -12,19 +12,16 @@ A text-only folder is also a plain Hugging Face checkpoint:
 MTP weights, kept at `model.layers.{num_hidden_layers + k}` as in DeepSeek-V3's release, as
 unexpected keys; transformers' own ignore rule names layer 61, DeepSeek-V3's depth).
 
-Why the encoders are not SigLIP / Whisper checkpoints: our ViT and audio encoder are megatron-core
-`TransformerBlock`s whose norms are RMSNorm (no mean subtraction, no bias), while
-`SiglipVisionModel` and `WhisperEncoder` use LayerNorm with bias; SigLIP's MLP uses tanh-GELU
-(ours exact GELU); Whisper's key projection has no bias (ours has); our ViT has no CLS token or
-pooling head. Loading our weights into those classes would run and compute something else, so
-`encoders.safetensors` keeps the megatron names and this module has the two encoders
-(`VisionEncoder`, `AudioEncoder`) as small torch modules checked against megatron's outputs.
+The encoders are transformers' own: the vision tower a `SiglipVisionModel` / `CLIPVisionModel`
+loaded from `vision_encoder/`, the audio encoder a `WhisperEncoder` from `audio_encoder/` (our
+encoders are those architectures: models/encoders.py). Only the projectors (and the resampler),
+which transformers has no class for, are small torch modules here, read from
+`encoders.safetensors` under their megatron names.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional
 
@@ -38,65 +35,8 @@ from megatron_mm.conversion.safetensors_io import HFFolderReader, ShardReader
 from megatron_mm.conversion.to_hf import OURS_FILE
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:  # [b, t, n*d] -> [b, n, t, d]
     return x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
-
-
-class _EncoderLayer(nn.Module):
-    """megatron TransformerLayer with our encoder spec: pre-RMSNorm, fused QKV (per head
-    [q; k; v]), no mask, biases, GELU MLP."""
-
-    def __init__(self, h: int, heads: int, ffn: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.input_layernorm, self.pre_mlp_layernorm = _RMSNorm(h, eps), _RMSNorm(h, eps)
-        self.linear_qkv, self.linear_proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        self.linear_fc1, self.linear_fc2 = nn.Linear(h, ffn), nn.Linear(ffn, h)
-
-    def forward(self, x):  # [b, t, h]
-        b, t, h = x.shape
-        qkv = self.linear_qkv(self.input_layernorm(x)).view(b, t, self.heads, 3, h // self.heads)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h)
-        x = x + self.linear_proj(attn)
-        return x + self.linear_fc2(F.gelu(self.linear_fc1(self.pre_mlp_layernorm(x))))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, cfg, eps: float):
-        super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size, eps)
-                                    for _ in range(cfg.num_layers))
-        self.final_layernorm = _RMSNorm(cfg.hidden_size, eps)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return self.final_layernorm(x)
-
-    def load_stacked(self, get, prefix: str) -> None:
-        """megatron stacks an encoder block's layers: `{prefix}layers.X` is [L, ...]."""
-        names = {"input_layernorm.weight": "input_layernorm.weight", "pre_mlp_layernorm.weight": "pre_mlp_layernorm.weight",
-                 "self_attention.linear_qkv.weight": "linear_qkv.weight", "self_attention.linear_qkv.bias": "linear_qkv.bias",
-                 "self_attention.linear_proj.weight": "linear_proj.weight", "self_attention.linear_proj.bias": "linear_proj.bias",
-                 "mlp.linear_fc1.weight": "linear_fc1.weight", "mlp.linear_fc1.bias": "linear_fc1.bias",
-                 "mlp.linear_fc2.weight": "linear_fc2.weight", "mlp.linear_fc2.bias": "linear_fc2.bias"}
-        with torch.no_grad():
-            for ours, local in names.items():
-                stacked = get(f"{prefix}layers.{ours}")
-                for i, layer in enumerate(self.layers):
-                    layer.get_parameter(local).copy_(stacked[i])
-            self.final_layernorm.weight.copy_(get(f"{prefix}final_layernorm.weight"))
 
 
 class _Projector(nn.Module):
@@ -129,7 +69,7 @@ class _Resampler(nn.Module):
     def __init__(self, h: int, heads: int, num_queries: int, eps: float):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(num_queries, h))
-        self.norm = _RMSNorm(h, eps)
+        self.norm = nn.LayerNorm(h, eps=eps)
         self.attention = _CrossAttention(h, heads)
 
     def forward(self, x):  # [b, t, h] -> [b, q, h]
@@ -138,66 +78,69 @@ class _Resampler(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Our ViT (models/encoders.py): patches + learned positions → RMSNorm transformer →
-    optional resampler → MLP projector into the LLM width. [n, 3, H, W] -> [n, tokens, llm_h]."""
+    """transformers' `SiglipVisionModel` / `CLIPVisionModel` (`tower`) at the configured layer
+    (`hidden_states[feature_layer]`, or `last_hidden_state` with `post_layernorm`; CLIP's class
+    token dropped unless kept) → optional resampler → our MLP projector. [n, 3, S, S] -> [n, tokens, llm_h]."""
 
-    def __init__(self, cfg: VisionConfig, llm_hidden: int, eps: float):
+    def __init__(self, tower: nn.Module, cfg: VisionConfig, llm_hidden: int):
         super().__init__()
-        self.patch_size, self.grid = cfg.patch_size, cfg.image_size // cfg.patch_size
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
-        self.position_embeddings = nn.Parameter(torch.zeros(self.grid * self.grid, cfg.hidden_size))
-        self.transformer = _Encoder(cfg, eps)
-        self.resampler = (_Resampler(cfg.hidden_size, cfg.num_attention_heads, cfg.resampler_tokens, eps)
+        self.tower, self.cfg = tower, cfg
+        self.resampler = (_Resampler(cfg.hidden_size, cfg.num_attention_heads, cfg.resampler_tokens, cfg.layer_norm_eps)
                           if cfg.projector == "resampler" else None)
         self.projector = _Projector(cfg.hidden_size, llm_hidden)
 
+    def features(self, images):
+        out = self.tower(images, output_hidden_states=True)
+        x = out.last_hidden_state if self.cfg.post_layernorm else out.hidden_states[self.cfg.feature_layer]
+        return x[:, 1:] if self.cfg.arch == "clip" and not self.cfg.keep_class_token else x
+
     def forward(self, images):
-        patches = self.patch_embedding(images)
-        rows, cols = patches.shape[-2:]
-        pos = self.position_embeddings
-        if (rows, cols) != (self.grid, self.grid):
-            grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
-            pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(rows * cols, -1)
-        x = self.transformer(patches.flatten(2).transpose(1, 2) + pos)
+        x = self.features(images)
         if self.resampler is not None:
             x = self.resampler(x)
         return self.projector(x)
 
 
-def _sinusoids(length: int, channels: int) -> torch.Tensor:
-    scales = torch.exp(-math.log(10000) / (channels // 2 - 1) * torch.arange(channels // 2))
-    angles = torch.arange(length)[:, None] * scales[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
 class AudioEncoder(nn.Module):
-    """Our Whisper-style encoder: two convolutions (the second stride 2) + sinusoids → RMSNorm
-    transformer → average pooling → MLP projector. [n, mels, frames] -> [n, tokens, llm_h]."""
+    """transformers' `WhisperEncoder` (`encoder`) → average pooling → our MLP projector.
+    [n, mels, frames] -> [n, tokens, llm_h]."""
 
-    def __init__(self, cfg: AudioConfig, llm_hidden: int, eps: float):
+    def __init__(self, encoder: nn.Module, cfg: AudioConfig, llm_hidden: int):
         super().__init__()
-        h = cfg.hidden_size
-        self.pool, self.max_frames = cfg.pool, cfg.max_frames
-        self.conv1 = nn.Conv1d(cfg.num_mel_bins, h, 3, padding=1)
-        self.conv2 = nn.Conv1d(h, h, 3, stride=2, padding=1)
-        self.register_buffer("positions", _sinusoids(cfg.num_frames, h), persistent=False)
-        self.transformer = _Encoder(cfg, eps)
-        self.projector = _Projector(h, llm_hidden)
+        self.encoder, self.pool = encoder, cfg.pool
+        self.projector = _Projector(cfg.hidden_size, llm_hidden)
 
     def forward(self, mels):
-        x = F.gelu(self.conv2(F.gelu(self.conv1(mels)))).transpose(1, 2) + self.positions.to(mels.dtype)
-        x = self.transformer(x)
+        x = self.encoder(mels).last_hidden_state
         x = F.avg_pool1d(x.transpose(1, 2), self.pool, self.pool).transpose(1, 2)
         return self.projector(x)
 
 
-def _load_encoder(module: nn.Module, get, prefix: str) -> None:
-    direct = {name: param for name, param in module.named_parameters() if not name.startswith("transformer.")}
+def _load_projectors(module: nn.Module, get, prefix: str, skip: str) -> None:
+    """The projector (and resampler) tensors, kept under their megatron names."""
     with torch.no_grad():
-        for name, param in direct.items():
-            param.copy_(get(prefix + name))
-    module.transformer.load_stacked(get, prefix + "transformer.")
+        for name, param in module.named_parameters():
+            if not name.startswith(skip):
+                param.copy_(get(prefix + name))
+
+
+def _load_encoder(folder: str, ours: dict, kind: str, llm_hidden: int, dtype: torch.dtype, projectors):
+    import transformers
+
+    path = os.path.join(folder, ours["encoder_folders"][kind])
+    if kind == "vision":
+        cfg = _build(VisionConfig, ours["model"]["vision"], "model.vision")
+        cls = {"siglip": transformers.SiglipVisionModel, "clip": transformers.CLIPVisionModel}[cfg.arch]
+        module = VisionEncoder(cls.from_pretrained(path, dtype=torch.float32), cfg, llm_hidden)
+        skip = "tower."
+    else:
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        cfg = _build(AudioConfig, ours["model"]["audio"], "model.audio")
+        module = AudioEncoder(WhisperEncoder.from_pretrained(path, dtype=torch.float32), cfg, llm_hidden)
+        skip = "encoder."
+    _load_projectors(module, projectors.read, f"{kind}.", skip)
+    return module.to(dtype).eval()
 
 
 class MultimodalCausalLM(nn.Module):
@@ -293,16 +236,11 @@ def load_pretrained(folder: str, dtype: torch.dtype = torch.float32, load_mtp: b
     ours_path = os.path.join(folder, OURS_FILE)
     ours = json.load(open(ours_path)) if os.path.exists(ours_path) else {}
     vision = audio = None
-    if ours.get("encoders_file"):
-        reader = ShardReader(os.path.join(folder, ours["encoders_file"]))
-        model_cfg = ours["model"]
-        eps, hidden = model_cfg["norm_epsilon"], model_cfg["hidden_size"]
-        if model_cfg.get("vision"):
-            vision = VisionEncoder(_build(VisionConfig, model_cfg["vision"], "model.vision"), hidden, eps)
-            _load_encoder(vision, reader.read, "vision.")
-            vision = vision.to(dtype).eval()
-        if model_cfg.get("audio"):
-            audio = AudioEncoder(_build(AudioConfig, model_cfg["audio"], "model.audio"), hidden, eps)
-            _load_encoder(audio, reader.read, "audio.")
-            audio = audio.to(dtype).eval()
+    if ours.get("encoder_folders"):
+        projectors = ShardReader(os.path.join(folder, ours["encoders_file"]))
+        hidden = ours["model"]["hidden_size"]
+        if "vision" in ours["encoder_folders"]:
+            vision = _load_encoder(folder, ours, "vision", hidden, dtype, projectors)
+        if "audio" in ours["encoder_folders"]:
+            audio = _load_encoder(folder, ours, "audio", hidden, dtype, projectors)
     return MultimodalCausalLM(lm, vision, audio, ours.get("placeholder_ids"), tokenizer, mtp).eval()

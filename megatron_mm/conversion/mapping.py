@@ -601,19 +601,27 @@ def layer_from_hf(m: ModelConfig, layer: Layer, get: Getter) -> Iterator[tuple[s
 # --------------------------------------------------------------------------- how megatron shards a key
 
 
+def encoder_stacked(key: str) -> bool:
+    """An encoder block's layers are one `[L, ...]` tensor in the dist checkpoint
+    (`vision.tower.decoder.layers.<name>`, `audio.decoder.layers.<name>`)."""
+    return key.startswith(("vision.", "audio.")) and ".decoder.layers." in key
+
+
 def tensor_parallel_dim(key: str) -> Optional[int]:
     """The dimension tensor parallelism splits `key` along (None: replicated). A GLU fc1 weight
-    ([gate; up]) splits each half along dim 0 (`glu_weight`)."""
+    ([gate; up]) splits each half along dim 0 (`glu_weight`); a stacked encoder layer's
+    dimension is one further (its dim 0 is the layer)."""
     if key.startswith(("embedding.", "output_layer.")):
         return 0
     module, _, leaf = key.rpartition(".")
     name = module.rpartition(".")[2]
+    dim = None
     if name in ("linear_proj", "linear_fc2"):
-        return 1 if leaf == "weight" else None
-    if name in ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
-                "linear_kv_up_proj", "linear_fc1", "eh_proj", "linear_qkv"):
-        return 0
-    return None
+        dim = 1 if leaf == "weight" else None
+    elif name in ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+                  "linear_kv_up_proj", "linear_fc1", "eh_proj", "linear_qkv", "linear_q", "linear_kv"):
+        dim = 0
+    return dim + 1 if dim is not None and encoder_stacked(key) else dim
 
 
 def glu_weight(key: str) -> bool:
@@ -630,6 +638,6 @@ def extra_state_keys(key: str, shape: tuple) -> list[str]:
     name = module.rpartition(".")[2]
     if leaf != "weight" or not (name.startswith("linear_") or name == "eh_proj"):
         return []
-    stacked = ".experts.experts." in key or ".transformer.layers." in key
+    stacked = ".experts.experts." in key or encoder_stacked(key)
     n = shape[0] if stacked else 1
     return [f"{module}._extra_state/shard_{i}_{n}" for i in range(n)]

@@ -1,8 +1,10 @@
 """megatron-core dist checkpoint (any TP/PP/EP/VPP layout) → Hugging Face folder.
 
 The language model becomes a `DeepseekV3ForCausalLM` checkpoint, or `DeepseekV2ForCausalLM` for a
-softmax router (safetensors shards + index, `config.json`; `mapping.family_of`); the vision/audio encoders, which have no exact Hugging Face counterpart (see
-`hf_model.py`), go to `encoders.safetensors` under their megatron names; `megatron_mm.json`
+softmax router (safetensors shards + index, `config.json`; `mapping.family_of`); the vision tower
+becomes a `SiglipVisionModel` / `CLIPVisionModel` folder `vision_encoder/` and the audio encoder a
+`WhisperEncoder` folder `audio_encoder/` (encoder_mapping.py); the projectors (and resampler),
+which have no transformers counterpart, go to `encoders.safetensors` under their megatron names; `megatron_mm.json`
 holds our whole model config and the placeholder token ids; the tokenizer is copied as
 `tokenizer.model` with a `tokenizer_config.json` that `AutoTokenizer` reads.
 
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.config import Config, ConfigError, _build, to_dict
-from megatron_mm.conversion import fp8, mapping
+from megatron_mm.conversion import encoder_mapping, fp8, mapping
 from megatron_mm.conversion.dcp import ConversionError, DistCheckpointReader
 from megatron_mm.conversion.progress import Progress
 from megatron_mm.conversion.safetensors_io import ShardWriter, nbytes, write_index
@@ -198,7 +200,24 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     write_index(out, weight_map, total)
 
     encoder_keys = sorted(k for k in saved if k.startswith(("vision.", "audio.")))
-    if encoder_keys:
+    encoder_folders, hf_tensors = {}, 0
+    for kind in ("vision", "audio"):
+        enc = getattr(m, kind)
+        if enc is None:
+            continue
+        needed = {encoder_mapping.layer_of(k)[0] for k in encoder_mapping.expected_megatron_shapes(kind, enc)}
+        lacking = sorted(needed - set(saved))
+        if lacking:
+            raise ConversionError(f"checkpoint {reader.folder}: no {lacking[0]} (and {len(lacking) - 1} more) that the "
+                                  f"model.{kind} ({enc.arch}) encoder needs")
+        get = encoder_mapping.stacked_reader(reader.read)
+        folder = encoder_mapping.FOLDERS[kind]
+        written = encoder_mapping.write_hf_encoder(kind, enc, get, os.path.join(out, folder), dtype)
+        encoder_folders[kind] = folder
+        hf_tensors += len(encoder_mapping.hf_names(kind, enc))
+        bar.update(sum(nbytes(saved[k][0], dtype or saved[k][1]) for k in written))
+        encoder_keys = [k for k in encoder_keys if k not in written]
+    if encoder_keys:  # projectors and resampler: no transformers counterpart
         enc_plan = [(k, saved[k][0], dtype or saved[k][1]) for k in encoder_keys]
         writer = ShardWriter(os.path.join(out, ENCODERS_FILE), enc_plan, metadata={"format": "megatron_mm"})
         for k in encoder_keys:
@@ -212,16 +231,16 @@ def convert_to_hf(checkpoint: str, out: str, cfg: Optional[Config] = None, dtype
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"), "do_sample": False}, f, indent=2)
     placeholders = {k: ids[k] for k in ("image", "audio") if k in ids}
-    if encoder_keys:
+    if encoder_folders and token_path:  # (--tokenizer none: no placeholder ids to give)
         missing = [k for k, enc in (("image", m.vision), ("audio", m.audio)) if enc is not None and k not in ids]
         if missing:
             raise ConversionError(f"tokenizer {token_path}: no placeholder piece for {missing} (a multimodal "
                                   "model needs the tokenizer it trained with)")
     ours = {"format": 1, "model": to_dict(cfg)["model"], "placeholder_ids": placeholders,
-            "encoders_file": ENCODERS_FILE if encoder_keys else None,
+            "encoders_file": ENCODERS_FILE if encoder_keys else None, "encoder_folders": encoder_folders,
             "source": {"checkpoint": reader.folder, "iteration": reader.common.get("iteration"),
                        "layout": reader.common.get("layout")}}
     with open(os.path.join(out, OURS_FILE), "w") as f:
         json.dump(ours, f, indent=2)
-    return {"out": out, "tensors": len(plan) + len(encoder_keys), "bytes": total, "shards": len(names),
+    return {"out": out, "tensors": len(plan) + len(encoder_keys) + hf_tensors, "bytes": total, "shards": len(names),
             "iteration": reader.common.get("iteration"), "layout": reader.common.get("layout")}

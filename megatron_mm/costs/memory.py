@@ -117,15 +117,15 @@ def _decoder_layer(m: ModelConfig, tp: int, ep: int, etp: int, moe: bool) -> tup
 
 
 def _encoder_layers(hidden: int, ffn: int, layers: int, tp: int) -> int:
-    """Bidirectional encoder layers (biased linears, RMSNorm) and the block's final norm."""
+    """Bidirectional encoder layers (biased linears, two LayerNorms with bias)."""
     per_layer = (
-        2 * hidden  # two norms
+        4 * hidden  # two LayerNorms (weight, bias)
         + 3 * hidden * hidden // tp + 3 * hidden // tp  # linear_qkv (column-parallel, bias split)
         + hidden * hidden // tp + hidden  # linear_proj (row-parallel, bias whole)
         + ffn * hidden // tp + ffn // tp  # linear_fc1
         + hidden * ffn // tp + hidden  # linear_fc2
     )
-    return layers * per_layer + hidden
+    return layers * per_layer
 
 
 def _projector(inp: int, out: int, tp: int) -> int:
@@ -139,14 +139,16 @@ def encoder_parameters(m: ModelConfig, tp: int) -> dict[str, int]:
     v = m.vision
     if v is not None:
         hv = v.hidden_size
+        clip = v.arch == "clip"
         out["vision_encoder"] = (
-            3 * v.patch_size * v.patch_size * hv + hv  # patch embedding (Conv2d)
-            + v.num_patches * hv  # learned positions
+            3 * v.patch_size * v.patch_size * hv + (0 if clip else hv)  # patch embedding (Conv2d; CLIP's unbiased)
+            + (v.num_patches + clip) * hv + clip * hv  # learned positions (and CLIP's class token)
             + _encoder_layers(hv, v.ffn_hidden_size, v.num_layers, tp)
+            + 2 * hv * (1 + clip)  # post-LayerNorm (and CLIP's pre-LayerNorm)
         )
         if v.projector == "resampler":
             out["projectors"] += (
-                v.resampler_tokens * hv + hv  # queries, norm
+                v.resampler_tokens * hv + 2 * hv  # queries, LayerNorm
                 + hv * hv // tp + hv // tp  # linear_q
                 + 2 * hv * hv // tp + 2 * hv // tp  # linear_kv
                 + hv * hv // tp + hv  # linear_proj
@@ -157,7 +159,8 @@ def encoder_parameters(m: ModelConfig, tp: int) -> dict[str, int]:
         ha = a.hidden_size
         out["audio_encoder"] = (
             a.num_mel_bins * ha * 3 + ha + ha * ha * 3 + ha  # two Conv1d, kernel 3
-            + _encoder_layers(ha, a.ffn_hidden_size, a.num_layers, tp)
+            + a.num_frames * ha  # the sinusoidal positions (a frozen parameter)
+            + _encoder_layers(ha, a.ffn_hidden_size, a.num_layers, tp) + 2 * ha  # final LayerNorm
         )
         out["projectors"] += _projector(ha, m.hidden_size, tp)
     return out

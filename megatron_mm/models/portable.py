@@ -2,8 +2,11 @@
 
 megatron-core's own local spec cannot serve an MLA + MoE model (see DESIGN.md): its
 `DotProductAttention` assumes one head size for keys and values, and its
-`WrappedTorchNorm` refuses sequence parallelism. These two modules fill the gap; they are
+`WrappedTorchNorm` refuses sequence parallelism. These modules fill the gap; they are
 written by hand because no library provides them with megatron-core's module interface.
+`Norm` is the portable counterpart of Transformer Engine's `TENorm`: RMSNorm or LayerNorm (with
+bias: the SigLIP / CLIP / Whisper encoders) as `config.normalization` says, with TE's
+parameter names (`weight`, `bias`), so a checkpoint moves between the two backends.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
+def _mark_sequence_parallel(param: torch.nn.Parameter, config: TransformerConfig) -> None:
+    setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm whose weight is marked `sequence_parallel` when the config is, so that
     megatron-core's `finalize_model_grads` all-reduces its gradient across the
@@ -102,7 +109,34 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"portable spec supports RMSNorm only, not {config.normalization}")
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        _mark_sequence_parallel(self.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with weight and bias (both marked `sequence_parallel` like RMSNorm's weight)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        if config.normalization != "LayerNorm":
+            raise ValueError(f"LayerNorm built for normalization={config.normalization}")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for param in (self.weight, self.bias):
+            _mark_sequence_parallel(param, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class Norm:
+    """RMSNorm or LayerNorm by `config.normalization`, as TE's `TENorm` chooses."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}.get(config.normalization)
+        if norm is None:
+            raise ValueError(f"portable spec: no norm {config.normalization!r} (RMSNorm or LayerNorm)")
+        return norm(config, hidden_size, eps, **kwargs)

@@ -3,7 +3,7 @@
 Two megatron-core `BackendSpecProvider`s of ours:
   * `TESpecs` — Transformer Engine linears, norm and attention (needed for FP8);
   * `PortableSpecs` — megatron-core's torch tensor-parallel linears plus our SDPA attention
-    and sequence-parallel RMSNorm (`portable.py`); runs anywhere torch runs.
+    and sequence-parallel RMSNorm / LayerNorm (`portable.py`); runs anywhere torch runs.
 Both keep layernorms unfused, so every parameter has the same name (and the same
 dist-checkpoint key) under either backend and a checkpoint moves between them. (TE modules
 also keep an `_extra_state` entry for FP8 metadata.) Routed experts are megatron-core's
@@ -53,14 +53,15 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_mm.models.grouped_experts import GroupedMLP
-from megatron_mm.models.portable import RMSNorm, SDPAttention
+from megatron_mm.models.portable import Norm, SDPAttention
 
 
 class PortableSpecs(LocalSpecProvider):
-    """Torch-only modules: megatron-core TP linears, SDPA attention, SP-capable RMSNorm."""
+    """Torch-only modules: megatron-core TP linears, SDPA attention, SP-capable norms (RMSNorm
+    or LayerNorm by `config.normalization`, as `TENorm`)."""
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return RMSNorm
+        return Norm
 
     def core_attention(self) -> type:
         return SDPAttention
@@ -213,8 +214,9 @@ def mla_layer_spec(backend, moe: bool, num_experts: Optional[int],
 
 
 def encoder_layer_spec(backend) -> ModuleSpec:
-    """One encoder layer (ViT / Whisper): norm → bidirectional self-attention → norm → MLP."""
-    norm = backend.layer_norm(rms_norm=True)
+    """One encoder layer (SigLIP / CLIP / Whisper): LayerNorm → bidirectional self-attention →
+    LayerNorm → MLP, every linear with a bias (the encoder config says LayerNorm and the activation)."""
+    norm = backend.layer_norm(rms_norm=False)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -242,8 +244,10 @@ def encoder_layer_spec(backend) -> ModuleSpec:
 
 
 def encoder_block_spec(backend, num_layers: int) -> TransformerBlockSubmodules:
+    """`num_layers` encoder layers; the final norm, when the block has one (post_process), is
+    Whisper's `layer_norm`."""
     return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(backend)] * num_layers, layer_norm=backend.layer_norm(rms_norm=True)
+        layer_specs=[encoder_layer_spec(backend)] * num_layers, layer_norm=backend.layer_norm(rms_norm=False)
     )
 
 

@@ -492,7 +492,7 @@ WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cuda_devices_to_cpu",
         "rotary_pos_embedding.py RotaryEmbedding: torch.cuda.current_device(); "
-        "schedules.py: torch.zeros(device='cuda')",
+        "schedules.py: torch.zeros(device='cuda'); models/vision/clip_vit_model.py CLIPViTModel: .cuda() position ids",
         lambda hw: not hw.has_cuda,
         _redirect_cuda_devices,
     ),

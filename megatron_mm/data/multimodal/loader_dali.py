@@ -6,12 +6,21 @@ Reading. Each epoch's remaining samples of this rank (`plan.py`) are handed to t
 index files written for exactly those samples (`shard_index.write_dali_index`), with
 `shard_id=0, num_shards=1`: DALI's own split cannot start mid-shard, and resuming needs that.
 
-Audio. The log-mel is the contract's formula op for op: `fn.spectrogram` (periodic Hann
-window passed in, centred frames, reflect padding, power 2) -> `fn.mel_filter_bank` (Slaney
-scale and area normalisation, 0-8000 Hz) -> log10(max(x, 1e-10)) -> max(x, max(x) - 8) ->
-(x + 4) / 4 -> trim/zero-pad to F frames. The one difference from the reference is the
-resampler: DALI's windowed sinc (`fn.audio_resample`, after our anti-alias filter
-`_antialias`) vs scipy's polyphase filter; they differ only near 8 kHz.
+Images. `image_spec.py`'s steps (transformers' SigLIP/CLIP processors): `fn.decoders.image`
+without EXIF rotation and with libjpeg's fancy upsampling (as Pillow decodes), an RGBA PNG
+composited onto white (`_on_white`), `fn.resize` (fixed, or the shorter side to `size` with the
+longer side computed as the processors do), `fn.slice` for the centre crop (the processors'
+corner, not DALI's rounding), `fn.crop_mirror_normalize` with mean and std divided by
+rescale_factor. DALI's resampling kernels differ from Pillow's by about a grey level on smooth
+images (tests/test_processors.py states the tolerances).
+
+Audio. WhisperFeatureExtractor's log-mel op for op: the waveform zero-padded / cut to F * 160
+samples (`fn.slice`, out_of_bounds_policy="pad") -> `fn.spectrogram` (periodic Hann window
+passed in, centred frames, reflect padding, power 2), its last frame dropped ->
+`fn.mel_filter_bank` (Slaney scale and area normalisation, 0-8000 Hz, M bins) ->
+log10(max(x, 1e-10)) -> max(x, max(x) - 8) -> (x + 4) / 4. The extractor takes 16 kHz only;
+other rates go through DALI's windowed sinc (`fn.audio_resample`, after our anti-alias filter
+`_antialias`), where the PyTorch loader uses scipy's polyphase filter; they differ only near 8 kHz.
 
 Bad samples. DALI fails a whole batch when one sample does not decode (and the pipeline is
 not to be trusted afterwards), so: (1) `shard_index` rejects members whose first bytes are
@@ -33,9 +42,10 @@ import numpy as np
 import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
+from megatron_mm.data.multimodal.image_spec import ImageSpec
 from megatron_mm.data.multimodal.loader_base import Decoded, MediaLoader
 from megatron_mm.data.multimodal.samples import (
-    DYNAMIC_RANGE, HOP, LOG_FLOOR, MEL_BINS, MEL_FMAX, N_FFT, SAMPLE_RATE, MediaSpec,
+    DYNAMIC_RANGE, HOP, LOG_FLOOR, MEL_FMAX, N_FFT, SAMPLE_RATE, MediaSpec,
 )
 from megatron_mm.data.multimodal.shard_index import SampleEntry, write_dali_index
 
@@ -43,6 +53,8 @@ _HANN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.flo
 _AA_TAPS = 129  # anti-alias low-pass length (odd: centred, no delay)
 _AA_OFFSETS = (np.arange(_AA_TAPS) - _AA_TAPS // 2).astype(np.float32)
 _AA_WINDOW = np.hanning(_AA_TAPS).astype(np.float32)
+_DALI_FILTERS = {"nearest": types.INTERP_NN, "bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+                 "lanczos": types.INTERP_LANCZOS3}
 
 
 def default_device_id() -> Optional[int]:
@@ -52,34 +64,74 @@ def default_device_id() -> Optional[int]:
 
 @pipeline_def(enable_conditionals=True)
 def media_pipeline(paths: list[str], index_paths: list[str], spec: MediaSpec, gpu: bool):
-    """(json bytes, image [3, S, S] float, log-mel [80, F] float) per sample; the image/mel of a
+    """(json bytes, image [3, S, S] float, log-mel [M, F] float) per sample; the image/mel of a
     sample without that member is a zero placeholder (the loader returns None for it)."""
     raw_json, raw_image, raw_audio = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["json", "jpg;png", "wav;flac"],
         missing_component_behavior="empty", random_shuffle=False, name="reader")
     size = spec.image_size
     if raw_image.shape()[0] > 0:
-        image = fn.decoders.image(raw_image, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        image = fn.resize(image, resize_x=size, resize_y=size)  # linear, antialiased
-        image = fn.crop_mirror_normalize(image, mean=list(spec.image_mean), std=list(spec.image_std),
-                                         output_layout="CHW", dtype=types.FLOAT)
+        image = _image(raw_image, spec.image, gpu)
     else:
         image = fn.constant(fdata=0.0, shape=[3, size, size], layout="CHW", device="gpu" if gpu else "cpu")
     if raw_audio.shape()[0] > 0:
         audio, rate = fn.decoders.audio(raw_audio, downmix=True, dtype=types.FLOAT)
         audio = fn.audio_resample(_antialias(audio, rate), in_rate=rate, out_rate=float(SAMPLE_RATE))
+        audio = fn.slice(audio, start=[0], shape=[spec.mel_frames * HOP], axes=[0], out_of_bounds_policy="pad")
         power = fn.spectrogram(audio, nfft=N_FFT, window_length=N_FFT, window_step=HOP, window_fn=_HANN,
                                center_windows=True, reflect_padding=True, power=2, layout="ft")
-        mel = fn.mel_filter_bank(power, nfilter=MEL_BINS, sample_rate=SAMPLE_RATE, freq_low=0.0,
+        power = fn.slice(power, start=[0], shape=[spec.mel_frames], axes=[1])  # frames + 1: the last dropped
+        mel = fn.mel_filter_bank(power, nfilter=spec.mel_bins, sample_rate=SAMPLE_RATE, freq_low=0.0,
                                  freq_high=MEL_FMAX, normalize=True, mel_formula="slaney")
         mel = dmath.log10(dmath.max(mel, LOG_FLOOR))
         mel = dmath.max(mel, fn.reductions.max(mel) - DYNAMIC_RANGE)
         mel = (mel + 4.0) / 4.0
-        mel = fn.slice(mel, 0, spec.mel_frames, axes=[1], out_of_bounds_policy="trim_to_shape")
-        mel = fn.pad(mel, axes=[1], shape=[spec.mel_frames], fill_value=0.0)
     else:
-        mel = fn.constant(fdata=0.0, shape=[MEL_BINS, spec.mel_frames], layout="ft")
+        mel = fn.constant(fdata=0.0, shape=[spec.mel_bins, spec.mel_frames], layout="ft")
     return raw_json, image, mel.gpu() if gpu else mel
+
+
+def _image(raw, spec: ImageSpec, gpu: bool):
+    """[3, S, S] float: `image_spec.py`'s steps in DALI operators (decode without EXIF rotation
+    and with libjpeg's fancy upsampling, as Pillow; an RGBA PNG composited onto white)."""
+    decode = dict(device="mixed" if gpu else "cpu", adjust_orientation=False, jpeg_fancy_upsampling=True)
+    if _is_rgba_png(raw):
+        image = _on_white(fn.decoders.image(raw, output_type=types.ANY_DATA, **decode))
+    else:
+        image = fn.decoders.image(raw, output_type=types.RGB, **decode)
+    interp = _DALI_FILTERS[spec.resample]
+    if spec.resize == "fixed":
+        image = fn.resize(image, resize_x=spec.target, resize_y=spec.target, interp_type=interp)
+    else:  # the shorter side to `target`, the longer to int(target * long / short)
+        height, width = fn.cast(image.shape()[0], dtype=types.INT64), fn.cast(image.shape()[1], dtype=types.INT64)
+        landscape = width > height  # a square or portrait image keeps its width at `target`
+        new_long = spec.target * dmath.max(width, height) // dmath.min(width, height)
+        image = fn.resize(image, interp_type=interp,
+                          resize_x=fn.cast(landscape * new_long + (1 - landscape) * spec.target, dtype=types.FLOAT),
+                          resize_y=fn.cast(landscape * spec.target + (1 - landscape) * new_long, dtype=types.FLOAT))
+    if spec.center_crop:
+        corner = (fn.cast(image.shape()[0:2], dtype=types.INT64) - spec.out_size) // 2
+        image = fn.slice(image, start=fn.cast(corner, dtype=types.INT32), shape=[spec.out_size] * 2, axis_names="HW")
+    scale = spec.rescale_factor  # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
+    return fn.crop_mirror_normalize(image, mean=[m / scale for m in spec.mean], std=[s / scale for s in spec.std],
+                                    output_layout="CHW", dtype=types.FLOAT)
+
+
+def _is_rgba_png(raw):
+    """Whether encoded image bytes are a PNG of colour type 6 (RGBA), from its IHDR chunk (byte
+    25). Only these are decoded with their alpha: DALI 2.4's CPU decoder crashes the process on a
+    grey + alpha PNG decoded as ANY_DATA (measured), so those, and PNGs whose transparency is a
+    tRNS chunk (palette images), lose their transparency here."""
+    head = fn.slice(raw, start=[0], shape=[26], axes=[0], out_of_bounds_policy="pad")
+    return (head[0] == 0x89) & (head[25] == 6)
+
+
+def _on_white(rgba):
+    """RGB uint8 of an RGBA image composited onto white, as Pillow's `alpha_composite`:
+    round((rgb * a + 255 * (255 - a)) / 255)."""
+    rgba = fn.cast(rgba, dtype=types.FLOAT)
+    alpha = rgba[:, :, 3:4]
+    return fn.cast(dmath.floor((rgba[:, :, 0:3] * alpha + 255.0 * (255.0 - alpha)) / 255.0 + 0.5), dtype=types.UINT8)
 
 
 def _antialias(audio, rate):

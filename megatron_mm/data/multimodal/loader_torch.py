@@ -1,6 +1,7 @@
-"""The plain PyTorch media loader: a DataLoader over the `webdataset` library, Pillow and a
-numpy/torch log-mel. It is the fallback where DALI is missing and the reference the DALI
-loader is checked against (same plan, so same keys in the same order).
+"""The plain PyTorch media loader: a DataLoader over the `webdataset` library, Pillow (images
+exactly as transformers' Siglip/CLIP image processors) and torch (Whisper's log-mel,
+`melspec.py`). It is the fallback where DALI is missing and the reference the DALI loader is
+checked against (same plan, so same keys in the same order).
 
 Each DataLoader worker streams the epoch's tars with `webdataset` (tarfile underneath) and
 decodes every W-th sample (worker w takes entries w, w+W, ...); the DataLoader hands results
@@ -19,11 +20,16 @@ import torch
 import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers.image_transforms import convert_to_rgb
 
 from megatron_mm.data.multimodal.loader_base import Decoded, MediaLoader
 from megatron_mm.data.multimodal.melspec import log_mel, resample
-from megatron_mm.data.multimodal.samples import IMAGE_MEAN, IMAGE_STD, MediaSpec
+from megatron_mm.data.multimodal.image_spec import ImageSpec
+from megatron_mm.data.multimodal.samples import MediaSpec
 from megatron_mm.data.multimodal.shard_index import AUDIO_EXTS, IMAGE_EXTS, SampleEntry, split_name
+
+_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                "lanczos": Image.LANCZOS}
 
 
 class _StreamErrors:
@@ -79,21 +85,26 @@ def stream_shard(entries: list[SampleEntry]) -> Iterator[tuple[int, Optional[dic
         yield missing, None, errors.by_key.get(entries[missing].key)
 
 
-def decode_image(data: bytes, size: int, mean=(IMAGE_MEAN,) * 3, std=(IMAGE_STD,) * 3) -> torch.Tensor:
-    """[3, size, size] float32: RGB, bilinear resize (no crop), (x - mean) / std per channel."""
+def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
+    """[3, out_size, out_size] float32, step for step as transformers' image processors
+    (`image_spec.py`): RGB with transparency on white, Pillow resize, centre crop, rescale in
+    float64, (x - mean) / std in float32."""
     with Image.open(io.BytesIO(data)) as image:
-        rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-    return ((pixels - mean) / std).contiguous()
+        rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+    rgb = rgb.resize(spec.resized(*rgb.size), _PIL_FILTERS[spec.resample])
+    left, top = spec.crop_corner(*rgb.size)
+    pixels = np.asarray(rgb)[top:top + spec.out_size, left:left + spec.out_size]
+    scaled = (torch.from_numpy(pixels.transpose(2, 0, 1).copy()).double() * spec.rescale_factor).float()
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    return ((scaled - mean) / std).contiguous()
 
 
-def decode_audio(data: bytes, frames: int) -> torch.Tensor:
-    """[80, frames] log-mel of a WAV/FLAC clip: channels averaged, resampled to 16 kHz."""
+def decode_audio(data: bytes, frames: int, n_mels: int) -> torch.Tensor:
+    """[n_mels, frames] Whisper log-mel of a WAV/FLAC clip: channels averaged, resampled to 16 kHz."""
     wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     if len(wave) == 0:
         raise ValueError("audio has no frames")
-    return log_mel(resample(wave.mean(axis=1), rate), frames)
+    return log_mel(resample(wave.mean(axis=1), rate), frames, n_mels)
 
 
 def decode_sample(sample: Optional[dict], error: Optional[str], spec: MediaSpec) -> Decoded:
@@ -109,11 +120,11 @@ def decode_sample(sample: Optional[dict], error: Optional[str], spec: MediaSpec)
     if len(images) > 1 or len(audios) > 1:
         return f"more than one member of a kind ({', '.join(images + audios)})"
     try:
-        image = decode_image(sample[images[0]], spec.image_size, spec.image_mean, spec.image_std) if images else None
+        image = decode_image(sample[images[0]], spec.image) if images else None
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         return f"{images[0]} does not decode ({type(err).__name__}: {err})"
     try:
-        mel = decode_audio(sample[audios[0]], spec.mel_frames) if audios else None
+        mel = decode_audio(sample[audios[0]], spec.mel_frames, spec.mel_bins) if audios else None
     except Exception as err:  # soundfile, resampling and the STFT raise several types
         return f"{audios[0]} does not decode ({type(err).__name__}: {err})"
     return sample["json"], image, mel

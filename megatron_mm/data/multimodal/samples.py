@@ -1,10 +1,12 @@
 """What both media loaders share: the output sample, the media contract's constants, the
 checks on a sample's json, and the count/log of skipped samples.
 
-The media contract: an image reaches the model as float32 [3, S, S], RGB, resized (no
-crop), (x/255 - 0.5) / 0.5; audio as a Whisper-style log-mel float32 [80, F]: mono, 16 kHz,
-n_fft 400, hop 160, 80 Slaney mel bins over 0-8000 Hz, log10(max(mel, 1e-10)), then
-max(x, x.max() - 8), then (x + 4) / 4, then padded with zeros / trimmed to F frames.
+The media contract: an image reaches the model as float32 [3, S, S] as transformers'
+SiglipImageProcessor / CLIPImageProcessor would make it (`image_spec.py`); audio as
+WhisperFeatureExtractor's log-mel float32 [M, F]: mono, 16 kHz, the waveform zero-padded or
+trimmed to F * 160 samples, a centred STFT (n_fft 400, hop 160, periodic Hann, reflect padding)
+whose last frame is dropped, M Slaney mel bins over 0-8000 Hz (80, or 128 for large-v3),
+log10(max(mel, 1e-10)), then max(x, x.max() - 8) over the whole window, then (x + 4) / 4.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from megatron_mm.data.multimodal.conversations import conversation_turns
+from megatron_mm.data.multimodal.image_spec import ImageSpec
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -24,24 +27,27 @@ MEL_BINS = 80
 MEL_FMAX = 8000.0
 LOG_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the clip's maximum
-IMAGE_MEAN = IMAGE_STD = 127.5  # default: (x/255 - 0.5) / 0.5 == (x - 127.5) / 127.5 (SigLIP)
 # The text side's placeholders (megatron_mm.data.tokenizer IMAGE_TOKEN / AUDIO_TOKEN).
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
 
 
 @dataclass(frozen=True)
 class MediaSpec:
-    """Output sizes: images [3, image_size, image_size] as (RGB - image_mean) / image_std
-    (0-255 scale), mels [80, mel_frames]."""
+    """What the loaders output: images [3, S, S] as `image` says (S = image.out_size,
+    model.vision.image_size and .preprocess), log-mels [mel_bins, mel_frames]
+    (model.audio.num_mel_bins, .max_frames)."""
 
-    image_size: int = 32  # model.vision.image_size
-    mel_frames: int = 100  # model.audio.max_frames (100 frames = 1 s)
-    image_mean: tuple[float, float, float] = (IMAGE_MEAN,) * 3  # model.vision.image_mean
-    image_std: tuple[float, float, float] = (IMAGE_STD,) * 3  # model.vision.image_std
+    image: ImageSpec = ImageSpec()
+    mel_frames: int = 100  # 100 frames = 1 s
+    mel_bins: int = MEL_BINS
 
     def __post_init__(self):
-        if self.image_size < 1 or self.mel_frames < 1:
-            raise ValueError(f"image_size={self.image_size}, mel_frames={self.mel_frames}: must be >= 1")
+        if self.mel_frames < 1 or self.mel_bins < 1:
+            raise ValueError(f"mel_frames={self.mel_frames}, mel_bins={self.mel_bins}: must be >= 1")
+
+    @property
+    def image_size(self) -> int:
+        return self.image.out_size
 
 
 class MediaSample(NamedTuple):

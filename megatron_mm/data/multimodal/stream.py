@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from megatron_mm.data.multimodal.image_spec import image_spec
 from megatron_mm.data.multimodal.loader_base import MediaLoader
 from megatron_mm.data.multimodal.samples import MediaSpec
 from megatron_mm.data.multimodal.text import PackedSequence, SequencePacker, TextFormatter
@@ -25,7 +26,7 @@ from megatron_mm.data.multimodal.text import PackedSequence, SequencePacker, Tex
 class MultimodalBatches:
     """Iterator of micro-batches: `tokens`, `labels`, `loss_mask`, `position_ids`,
     `segment_ids` (which packed sample each input token belongs to; 0: padding) [mbs, s],
-    `images` [n, 3, S, S] and `mels` [n, 80, F] in placeholder order (batch-major)."""
+    `images` [n, 3, S, S] and `mels` [n, M, F] in placeholder order (batch-major)."""
 
     def __init__(self, loader: MediaLoader, formatter: TextFormatter, seq_length: int,
                  micro_batch_size: int, pad_id: int, log=print):
@@ -95,18 +96,20 @@ def open_stream(cfg, shards: str, tokenizer, dp_rank: int, dp_size: int, positio
                 device_id: Optional[int], log=print) -> MultimodalBatches:
     """The configured loader (`data.loader`) over `shards` for this data-parallel rank, from
     `position`, formatted and packed for the model. `device_id`: the GPU DALI decodes on."""
-    from megatron_mm.data.multimodal.loader_dali import DaliMediaLoader
-    from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
-
     m, d = cfg.model, cfg.data
-    spec = MediaSpec(mel_frames=m.audio.max_frames if m.audio else 100,
-                     **(dict(image_size=m.vision.image_size, image_mean=tuple(m.vision.image_mean),
-                             image_std=tuple(m.vision.image_std)) if m.vision else {}))
+    spec = MediaSpec(**(dict(image=image_spec(m.vision)) if m.vision else {}),
+                     **(dict(mel_frames=m.audio.max_frames, mel_bins=m.audio.num_mel_bins) if m.audio else {}))
     common = dict(spec=spec, dp_rank=dp_rank, dp_size=dp_size, start=position, seed=cfg.train.seed,
                   cache_dir=os.path.join(os.path.expanduser(d.cache_dir), "shard-index"), log=log)
+    # Each loader module is imported only when chosen: DALI's takes ~1 s, the PyTorch one's
+    # transformers ~1.5 s (imported here, in the main process, its DataLoader workers inherit it).
     if d.loader == "dali":
+        from megatron_mm.data.multimodal.loader_dali import DaliMediaLoader
+
         loader = DaliMediaLoader(shards, batch_size=32, num_threads=d.loader_threads, device_id=device_id, **common)
     else:
+        from megatron_mm.data.multimodal.loader_torch import TorchMediaLoader
+
         loader = TorchMediaLoader(shards, num_workers=0, **common)
     formatter = TextFormatter(tokenizer, num_image_tokens=m.vision.num_tokens if m.vision else 1,
                               num_audio_tokens=m.audio.num_tokens if m.audio else 1)
