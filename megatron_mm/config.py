@@ -151,6 +151,10 @@ class ModelConfig:
     vocab_size: int = 512
     seq_length: int = 64
     rope_type: str = "rope"  # rope or yarn
+    # How attention keeps packed samples apart (`data.document_mask`): "fused" (FlexAttention over a
+    # block mask from the segment ids on the portable spec, TE's THD format on the TE spec: no
+    # [b, 1, s, s] tensor), or "dense_mask" (the boolean mask; kept to benchmark against).
+    document_attention: str = "fused"
     rotary_base: float = 10000.0
     rotary_scaling_factor: float = 1.0  # YaRN context extension factor
     original_max_position_embeddings: int = 4096  # YaRN
@@ -568,6 +572,12 @@ def validate(cfg: Config, world_size: int, hardware: Hardware) -> None:
          f"plus model.qk_pos_emb_head_dim={m.qk_pos_emb_head_dim} ({kv_down}) must be divisible by "
          f"parallel.tp={p.tp} (the key/value down-projection is column-parallel)")
     rule(m.rope_type in ("rope", "yarn"), "model.rope_type", m.rope_type, "must be rope or yarn")
+    rule(m.document_attention in ("fused", "dense_mask"), "model.document_attention", m.document_attention,
+         "must be fused or dense_mask")
+    rule(not (cfg.masks_documents and m.document_attention == "dense_mask" and m.mtp_num_layers),
+         "model.document_attention", m.document_attention,
+         f"cannot serve model.mtp_num_layers={m.mtp_num_layers} (megatron-core's MTP layer takes no arbitrary "
+         "mask): use fused, or data.document_mask=false")
     rule(m.router_score_function in ("sigmoid", "softmax"), "model.router_score_function",
          m.router_score_function, "must be sigmoid or softmax")
     rule(0 <= m.first_k_dense_layers <= m.num_layers, "model.first_k_dense_layers",

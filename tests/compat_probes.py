@@ -156,9 +156,25 @@ def save_results_in_process():
     assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
 
 
+def cpu_flex_attention():
+    """FlexAttention over a packed block mask trains on a CPU (without: torch refuses its
+    backward there) and gives SDPA's values and gradients over the dense mask."""
+    from megatron_mm.models import packed_attention
+    from megatron_mm.models.attention_mask import document_attention_mask
+
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 4])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, d, generator=g, requires_grad=True) for d in (6, 6, 4))
+    flex = packed_attention.flex_attention(q, k, v, packed_attention.segment_block_mask(segments, 8), None)
+    grads = torch.autograd.grad(flex.square().sum(), (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~document_attention_mask(segments))
+    for a, b in zip((flex, *grads), (sdpa, *torch.autograd.grad(sdpa.square().sum(), (q, k, v)))):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
 PROBES = [cpu_rng_tracker, cpu_checkpoint_rng, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
           router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load, zero_grad_of_views,
-          eager_fused_functions, save_results_in_process]
+          eager_fused_functions, save_results_in_process, cpu_flex_attention]
 
 
 # --------------------------------------------------------------------------- notices

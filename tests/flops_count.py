@@ -13,6 +13,11 @@ GEMMs (scores, values) and, in backward, the four gradient GEMMs; not the recomp
 the scores a flash-style backward also does (torch's `sdpa_backward_flop_count` adds it),
 which costs/flops.py does not count either. Both paths compute the whole score matrix:
 causal attention is counted at every key.
+The multimodal scenarios run the decoder's attention over the dense mask
+(`model.document_attention=dense_mask`): the counter cannot run torch 2.13's eager
+FlexAttention op (the fused path's CPU kernel raises "no implementation found for
+'torch.ops.higher_order.flex_attention'" under FlopCounterMode), and costs/flops.py prices
+either path as that whole score matrix.
 
 The grouped expert GEMM (`aten._grouped_mm`, models/grouped_gemm.py; `model.moe_grouped_gemm`)
 is missing from the table too: priced as the per-expert matmuls it replaces.
@@ -32,18 +37,20 @@ sys.path.insert(0, ROOT)
 
 TEXT = os.path.join(ROOT, "configs", "quickstart_text.yaml")
 MULTIMODAL = os.path.join(ROOT, "configs", "quickstart.yaml")
+DENSE = "model.document_attention=dense_mask"  # see the docstring
 
 # name: (config, overrides). Text: the tiny MoE + MLA model with one MTP layer; multimodal:
 # the tiny model with its ViT and audio encoder, with what each freezing rule prices.
 SCENARIOS = {
     "text": (TEXT, ["model.mtp_num_layers=1"]),
     "text_recompute": (TEXT, ["model.mtp_num_layers=1", "parallel.recompute=full"]),
-    "multimodal": (MULTIMODAL, []),
-    "frozen_vision_and_projectors": (MULTIMODAL, ["train.freeze.vision_encoder=true", "train.freeze.projectors=true"]),
-    "frozen_audio_encoder": (MULTIMODAL, ["train.freeze.audio_encoder=true"]),
-    "frozen_lm_recompute": (MULTIMODAL, ["train.freeze.language_model=true", "parallel.recompute=full"]),
-    "resampler": (MULTIMODAL, ["model.vision.projector=resampler"]),
-    "resampler_frozen": (MULTIMODAL, ["model.vision.projector=resampler", "train.freeze.projectors=true"]),
+    "multimodal": (MULTIMODAL, [DENSE]),
+    "frozen_vision_and_projectors": (MULTIMODAL, [DENSE, "train.freeze.vision_encoder=true",
+                                                  "train.freeze.projectors=true"]),
+    "frozen_audio_encoder": (MULTIMODAL, [DENSE, "train.freeze.audio_encoder=true"]),
+    "frozen_lm_recompute": (MULTIMODAL, [DENSE, "train.freeze.language_model=true", "parallel.recompute=full"]),
+    "resampler": (MULTIMODAL, [DENSE, "model.vision.projector=resampler"]),
+    "resampler_frozen": (MULTIMODAL, [DENSE, "model.vision.projector=resampler", "train.freeze.projectors=true"]),
 }
 BATCH, IMAGES, CLIPS = 2, 2, 1  # sequences; images and clips over the batch (multimodal)
 PLACEHOLDERS = {"image": 510, "audio": 511}  # token ids the encoders' outputs replace
@@ -112,11 +119,11 @@ def count(name: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_mm.config import load_config
-    from megatron_mm.models.attention_mask import one_sample_rows_mask
+    from megatron_mm.models.attention_mask import document_attention_mode, one_sample_rows_mask
     from megatron_mm.models.gpt import transformer_config
     from megatron_mm.runtime import compat
     from megatron_mm.runtime import distributed as runtime
-    from megatron_mm.training.loop import build_model
+    from megatron_mm.training.loop import build_model, uses_transformer_engine
 
     path, overrides = SCENARIOS[name]
     cfg = load_config(path, overrides)
@@ -129,7 +136,7 @@ def count(name: str) -> dict:
     tc = transformer_config(cfg, compat.transformer_config_overrides(hardware))
     model = build_model(cfg, tc, hardware, PLACEHOLDERS)[0]
     ids, positions, media = _batch(cfg)
-    mask = one_sample_rows_mask(cfg.masks_documents, ids)
+    mask = one_sample_rows_mask(document_attention_mode(cfg, uses_transformer_engine(hardware)), ids)
     result = {"batch": {"tokens": ids.numel(), "images": IMAGES if "images" in media else 0,
                         "clips": CLIPS if "mels" in media else 0}}
     with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:

@@ -21,7 +21,7 @@ import torch
 from megatron_mm.config import Config, ParallelConfig
 from megatron_mm.conversion.hf_model import load_pretrained
 from megatron_mm.conversion.to_hf import OURS_FILE
-from megatron_mm.models.attention_mask import one_sample_rows_mask
+from megatron_mm.models.attention_mask import document_attention_mode, one_sample_rows_mask
 
 _LAYOUT_PART = re.compile(r"(tp|pp|ep|etp)([1-9][0-9]*)$")
 
@@ -117,7 +117,7 @@ class MegatronReference:
         b, s = tokens.shape
         positions = torch.arange(s).unsqueeze(0).expand(b, s)
         media = {k: v for k, v in (("images", images), ("mels", mels)) if v is not None}
-        attention_mask = one_sample_rows_mask(self.cfg.masks_documents, tokens)
+        attention_mask = one_sample_rows_mask(document_attention_mode(self.cfg, False), tokens)
 
         def forward_step(data_iterator, model):
             # labels make megatron run its MTP block (it needs them); the output is a loss we drop

@@ -46,8 +46,9 @@ with flash/SDPA attention (no seq x seq score matrix kept), per token:
   tiny model (tests/test_memory_measurement.py): the estimate is 0.72-0.96 of the measured
   peak there, the rest being those temporaries and the CPU's math attention, which keeps the
   heads x seq x seq scores this estimate assumes a flash kernel does not. Nor does it count
-  them where a GPU keeps them too: with `data.document_mask` (multimodal sources) the decoder's
-  attention takes a dense mask, and Transformer Engine then runs its unfused attention.
+  them where a GPU keeps them too: with `data.document_mask` (multimodal sources) and
+  `model.document_attention=dense_mask` the decoder's attention takes a dense [b, 1, s, s] mask,
+  and Transformer Engine then runs its unfused attention (the default, `fused`, builds neither).
 
 `planning.fit.check_fits` refuses a layout whose model state alone does not fit (given a GPU
 memory size); the sbatch generator prints the full table.

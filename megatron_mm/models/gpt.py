@@ -8,12 +8,12 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_mm.config import Config
 from megatron_mm.costs import pipeline_split
+from megatron_mm.models.attention_mask import document_attention_mode
 from megatron_mm.models.encoders import build_encoders
 from megatron_mm.models.multimodal import MultimodalGPTModel, freeze
 from megatron_mm.models.specs import backend_for, decoder_block_spec, mtp_block_spec
@@ -116,15 +116,15 @@ def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_en
     backend = backend_for(use_transformer_engine)
     vpp = tc.virtual_pipeline_model_parallel_size or 1
     multimodal = cfg.model.vision is not None or cfg.model.audio is not None
-    # Packed samples attending to themselves only: every forward then passes the mask.
-    mask_type = AttnMaskType.arbitrary if cfg.masks_documents else AttnMaskType.causal
+    # Packed samples attending to themselves only: every forward then passes their boundaries.
+    documents = document_attention_mode(cfg, use_transformer_engine)
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if tc.virtual_pipeline_model_parallel_size else None
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         kwargs = dict(
             config=tc,
-            transformer_layer_spec=decoder_block_spec(tc, backend, vp_stage=stage, attn_mask_type=mask_type),
+            transformer_layer_spec=decoder_block_spec(tc, backend, vp_stage=stage, documents=documents),
             vocab_size=cfg.model.vocab_size,
             max_sequence_length=cfg.model.seq_length,
             pre_process=pre_process,
@@ -132,7 +132,7 @@ def build_model_chunks(cfg: Config, tc: MLATransformerConfig, use_transformer_en
             share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=int(cfg.model.rotary_base),
-            mtp_block_spec=mtp_block_spec(tc, backend, vp_stage=stage, attn_mask_type=mask_type),
+            mtp_block_spec=mtp_block_spec(tc, backend, vp_stage=stage, documents=documents),
             vp_stage=stage,
         )
         if multimodal:

@@ -39,7 +39,8 @@ class MultimodalGPTModel(GPTModel):
         self.placeholder_ids = dict(placeholder_ids)
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
-                images: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None):
+                images: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
+                packed_seq_params=None):
         decoder_input = None
         if self.pre_process:
             embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
@@ -51,7 +52,7 @@ class MultimodalGPTModel(GPTModel):
             decoder_input = embeddings
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            loss_mask=loss_mask,
+            loss_mask=loss_mask, packed_seq_params=packed_seq_params,
         )
 
     def _insert(self, embeddings, input_ids, kind: str, encoder, media) -> torch.Tensor:

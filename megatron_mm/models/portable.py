@@ -20,6 +20,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mm.models import packed_attention
+
 
 class SDPAttention(MegatronModule):
     """Core attention on `torch.nn.functional.scaled_dot_product_attention`.
@@ -63,10 +65,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("SDPAttention does not support packed sequences (use the TE spec)")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat key/value heads
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        q, k, v = _heads_first(query, key, value)
         mask, causal = None, False
         if mask_type == AttnMaskType.causal:
             causal = True
@@ -82,8 +81,44 @@ class SDPAttention(MegatronModule):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
             )
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return _sequence_first(out)
+
+
+class FlexSegmentAttention(SDPAttention):
+    """Causal attention inside each packed sample, through FlexAttention (packed_attention.py).
+
+    Its `attention_mask` (which it requires, whatever the mask type) is the batch's segment ids [b, s] (attention_mask.SEGMENT_IDS), from which
+    each forward builds a block mask of [b, 1, s/128, s/128]; no [b, 1, s, s] tensor exists.
+    Any query/key and value head sizes. No dropout (the model's attention dropout is 0)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None) -> torch.Tensor:
+        if attention_mask is None or attention_mask.dim() != 2:
+            raise ValueError("FlexSegmentAttention needs an attention_mask of segment ids [batch, seq], got "
+                             f"{None if attention_mask is None else tuple(attention_mask.shape)}")
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("FlexSegmentAttention takes neither packed_seq_params nor attention_bias")
+        if self.training and self.dropout_p:
+            raise ValueError(f"FlexSegmentAttention has no attention dropout (got {self.dropout_p})")
+        q, k, v = _heads_first(query, key, value)
+        block_mask = packed_attention.segment_block_mask(attention_mask)
+        return _sequence_first(packed_attention.flex_attention(q, k, v, block_mask, self.softmax_scale))
+
+
+def _heads_first(query, key, value):
+    """megatron's [s, b, heads, dim] → [b, heads, s, dim]; key/value heads repeated to the
+    query's (grouped-query attention)."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return q, k, v
+
+
+def _sequence_first(out: torch.Tensor) -> torch.Tensor:
+    """[b, heads, s, v_dim] → megatron's [s, b, heads * v_dim]."""
+    b, _, s, _ = out.shape
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def _mark_sequence_parallel(param: torch.nn.Parameter, config: TransformerConfig) -> None:

@@ -52,8 +52,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from megatron_mm.models.attention_mask import DENSE_MASK, SEGMENT_IDS
 from megatron_mm.models.grouped_experts import GroupedMLP
-from megatron_mm.models.portable import Norm, SDPAttention
+from megatron_mm.models.portable import FlexSegmentAttention, Norm, SDPAttention
 
 
 class PortableSpecs(LocalSpecProvider):
@@ -175,12 +176,26 @@ class TPMLASelfAttention(MLASelfAttention):
             self._kv_down_out = None
 
 
-def mla_layer_spec(backend, moe: bool, num_experts: Optional[int],
-                   attn_mask_type: AttnMaskType = AttnMaskType.causal, grouped_gemm: bool = False) -> ModuleSpec:
+def decoder_attention(backend, documents: Optional[str]) -> tuple[AttnMaskType, type]:
+    """The decoder's mask type and core attention for `documents`, the model's
+    `attention_mask.document_attention_mode`: arbitrary over the dense mask (either backend);
+    padding_causal over segment ids (portable: FlexSegmentAttention, which reads no mask type:
+    causal inside each sample; megatron-core 0.16.1's MTP layer refuses `arbitrary` but takes
+    this); causal without document masking and under THD (TE turns causal into padding_causal
+    over the packed samples' cu_seqlens)."""
+    if documents == SEGMENT_IDS:
+        return AttnMaskType.padding_causal, FlexSegmentAttention
+    if documents == DENSE_MASK:
+        return AttnMaskType.arbitrary, backend.core_attention()
+    return AttnMaskType.causal, backend.core_attention()
+
+
+def mla_layer_spec(backend, moe: bool, num_experts: Optional[int], documents: Optional[str] = None,
+                   grouped_gemm: bool = False) -> ModuleSpec:
     """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE.
-    `attn_mask_type`: causal, or arbitrary to apply the mask each forward passes
-    (packed samples attending to themselves only: models/attention_mask.py).
+    `documents`: how packed samples are kept apart (`decoder_attention`).
     `grouped_gemm`: routed experts as grouped GEMMs (`config.moe_grouped_gemm`)."""
+    attn_mask_type, core_attention = decoder_attention(backend, documents)
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(
         backend=backend, num_experts=num_experts if moe else None, moe_grouped_gemm=grouped_gemm
@@ -199,7 +214,7 @@ def mla_layer_spec(backend, moe: bool, num_experts: Optional[int],
                     linear_q_up_proj=linear,
                     linear_kv_down_proj=linear,
                     linear_kv_up_proj=linear,
-                    core_attention=backend.core_attention(),
+                    core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
                     kv_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
@@ -267,13 +282,13 @@ def cross_attention_spec(backend) -> ModuleSpec:
 
 def decoder_block_spec(
     config: TransformerConfig, backend, vp_stage: Optional[int], pp_rank: Optional[int] = None,
-    attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    documents: Optional[str] = None,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds; `config.moe_layer_freq`
     marks which global layers are MoE (DeepSeek-V3: the first k are dense)."""
     pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
-    dense = mla_layer_spec(backend, moe=False, num_experts=None, attn_mask_type=attn_mask_type)
-    moe = (mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts, attn_mask_type=attn_mask_type,
+    dense = mla_layer_spec(backend, moe=False, num_experts=None, documents=documents)
+    moe = (mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts, documents=documents,
                           grouped_gemm=config.moe_grouped_gemm)
            if config.num_moe_experts else None)
     specs = [moe if is_moe else dense for is_moe in pattern]
@@ -284,12 +299,11 @@ def decoder_block_spec(
     )
 
 
-def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int],
-                   attn_mask_type: AttnMaskType = AttnMaskType.causal):
+def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int], documents: Optional[str] = None):
     """Multi-token-prediction block (built on the last stage only), or None."""
     if not config.mtp_num_layers:
         return None
     layer = mla_layer_spec(backend, moe=bool(config.num_moe_experts), num_experts=config.num_moe_experts,
-                           attn_mask_type=attn_mask_type, grouped_gemm=config.moe_grouped_gemm)
+                           documents=documents, grouped_gemm=config.moe_grouped_gemm)
     return get_gpt_mtp_block_spec_for_backend(config, layer, backend=backend, vp_stage=vp_stage)
 

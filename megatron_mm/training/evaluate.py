@@ -26,13 +26,13 @@ from megatron_mm.data.multimodal.demo import (
     AUDIO_QUESTIONS, IMAGE_QUESTIONS, answer, describe_audio, describe_image,
 )
 from megatron_mm.data.multimodal.demo_media import COLOURS, PITCHES, SHAPES, SOUNDS
-from megatron_mm.models.attention_mask import one_sample_rows_mask
+from megatron_mm.models.attention_mask import document_attention_mode, one_sample_rows_mask
 from megatron_mm.models.gpt import transformer_config
 from megatron_mm.planning.fit import check_fits
 from megatron_mm.runtime import compat
 from megatron_mm.runtime import distributed as runtime
 from megatron_mm.training import checkpoint
-from megatron_mm.training.loop import build_model
+from megatron_mm.training.loop import build_model, uses_transformer_engine
 from megatron_mm.training.step_data import StepData
 
 
@@ -58,6 +58,7 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
         model = build_model(cfg, tc, hardware, data.placeholder_ids)
         iteration, _, _ = checkpoint.load(cfg.checkpoint.load, model, None, None, cfg)
         model = model[0].eval()
+        documents = document_attention_mode(cfg, uses_transformer_engine(hardware))
         with torch.no_grad():
             if not data.multimodal:
                 raise ConfigError([f"data.source={cfg.data.source}: evaluation needs a multimodal source"])
@@ -70,15 +71,15 @@ def evaluate(cfg: Config, max_samples: int = 400) -> dict:
                 splits = {eval_split_name(spec): spec for spec in cfg.data.eval_shards}
             questions = cfg.data.source == "demo"  # the demo set's labels; own data has its own
             return {"iteration": iteration,
-                    **{name: _multimodal(cfg, data, model, device, shards, max_samples, questions)
+                    **{name: _multimodal(cfg, data, model, device, documents, shards, max_samples, questions)
                        for name, shards in splits.items()}}
     finally:
         runtime.shutdown()
 
 
-def _sequence_logprobs(model, device, masks_documents: bool, batch: list, media: dict) -> torch.Tensor:
+def _sequence_logprobs(model, device, documents, batch: list, media: dict) -> torch.Tensor:
     """Summed log-probability of each formatted sample's learned tokens (one sample a row,
-    padded at the end; `masks_documents`: the model wants the attention mask, here causal)."""
+    padded at the end; `documents`: the model's attention_mask.document_attention_mode)."""
     length = max(len(s) for s in batch)
     tokens = np.zeros((len(batch), length), np.int64)
     mask = np.zeros((len(batch), length), np.float32)
@@ -87,7 +88,7 @@ def _sequence_logprobs(model, device, masks_documents: bool, batch: list, media:
     tokens, mask = torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
-    attention_mask = one_sample_rows_mask(masks_documents, inputs)
+    attention_mask = one_sample_rows_mask(documents, inputs)
     losses = model(inputs, positions, attention_mask, labels=labels, **media)  # [b, s] per-token loss
     return -(losses.float() * mask[:, 1:]).sum(dim=1)
 
@@ -116,7 +117,7 @@ def _candidates(kind: str, question: str, key: str, values, label: dict) -> tupl
     return conversations, list(values).index(label[key])
 
 
-def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_samples: int,
+def _multimodal(cfg: Config, data: StepData, model, device, documents, shards: str, max_samples: int,
                 questions: bool) -> dict:
     """One split's loss (and with `questions`, the demo set's answer accuracies): samples
     scored, learned tokens, samples skipped (unreadable, or too long for a sequence, as in
@@ -147,7 +148,7 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
             unusable += 1
             continue
         scored += 1
-        loss_sum -= float(_sequence_logprobs(model, device, cfg.masks_documents, [own], media)[0])
+        loss_sum -= float(_sequence_logprobs(model, device, documents, [own], media)[0])
         tokens += float(own.loss_mask[1:].sum())
         if not questions or len(kinds) != 1 or "label" not in sample.meta:
             continue
@@ -158,7 +159,7 @@ def _multimodal(cfg: Config, data: StepData, model, device, shards: str, max_sam
             candidates, truth = _candidates(kind, question, key, values, sample.meta["label"])
             batch = [formatter.format(c, [kind]) for c in candidates]
             repeated = {k: None if v is None else v.expand(len(batch), *v.shape[1:]) for k, v in media.items()}
-            scores = _sequence_logprobs(model, device, cfg.masks_documents, batch, repeated)
+            scores = _sequence_logprobs(model, device, documents, batch, repeated)
             correct = int(int(scores.argmax()) == truth)
             right[kind] += correct
             by_key[key] = by_key.get(key, 0) + correct

@@ -31,7 +31,8 @@ from megatron.core.utils import unwrap_model
 from megatron_mm.config import Config, schedule_steps, validate
 from megatron_mm.costs import pipeline_split
 from megatron_mm.costs.flops import step_training_flops
-from megatron_mm.models.attention_mask import document_attention_mask
+from megatron_mm.models.attention_mask import THD, document_attention_mode, packed_inputs
+from megatron_mm.models.packed_attention import flatten_rows
 from megatron_mm.models.gpt import build_model_chunks, count_parameters, transformer_config
 from megatron_mm.planning.fit import check_fits
 from megatron_mm.runtime import compat
@@ -49,8 +50,12 @@ def log0(*args) -> None:
 # --------------------------------------------------------------------------- model and optimizer
 
 
+def uses_transformer_engine(hardware) -> bool:
+    return hardware.has_transformer_engine and hardware.has_cuda
+
+
 def build_model(cfg: Config, tc, hardware, placeholder_ids: dict[str, int]) -> list[DistributedDataParallel]:
-    chunks = build_model_chunks(cfg, tc, hardware.has_transformer_engine and hardware.has_cuda, placeholder_ids)
+    chunks = build_model_chunks(cfg, tc, uses_transformer_engine(hardware), placeholder_ids)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -139,17 +144,18 @@ def build_optimizer(cfg: Config, tc, model):
 # --------------------------------------------------------------------------- one step
 
 
-def forward_step(device, masks_documents: bool, data_iterator, model):
+def forward_step(device, documents, data_iterator, model):
     """One micro-batch through this rank's chunk (every pipeline stage reads the batch:
-    the first for tokens and media, all for the attention mask, the last for labels)."""
+    the first for tokens and media, all for the packed samples' boundaries, the last for
+    labels). `documents`: the model's `attention_mask.document_attention_mode`."""
     batch = next(data_iterator)
-    tokens = batch["tokens"].to(device)
-    labels = batch["labels"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
-    position_ids = batch["position_ids"].to(device)
-    attention_mask = document_attention_mask(batch["segment_ids"].to(device)) if masks_documents else None
+    rows = [batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")]
+    packed = packed_inputs(documents, batch["segment_ids"].to(device) if documents else None)
+    if documents == THD:  # Transformer Engine only (not run on the CPU machines): one token stream
+        rows = [flatten_rows(t) for t in rows]
+    tokens, labels, loss_mask, position_ids = rows
     media = {k: batch[k].to(device) for k in ("images", "mels") if batch.get(k) is not None}
-    output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **media)
+    output = model(tokens, position_ids, labels=labels, loss_mask=loss_mask, **packed, **media)
     return output, partial(loss_func, loss_mask)
 
 
@@ -342,6 +348,11 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
     logger = MetricsLogger(cfg.run.dir, t.steps, cfg.logging.tensorboard) if rank0 else None
     stop = StopSignal(device)
     forward_backward = get_forward_backward_func()
+    documents = document_attention_mode(cfg, uses_transformer_engine(hardware))
+    # The activations' [s, b] between pipeline stages: [b * s, 1] when THD flattens the rows.
+    seq_length, micro_batch_size = cfg.model.seq_length, t.micro_batch_size
+    if documents == THD:
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     last: dict = {}
     saved_at = start
@@ -353,12 +364,12 @@ def _train(cfg: Config, env, hardware, device, timers=None, on_log=None) -> dict
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         losses = forward_backward(
-            forward_step_func=partial(forward_step, device, cfg.masks_documents),
+            forward_step_func=partial(forward_step, device, documents),
             data_iterator=iterators if len(model) > 1 else iterators[0],
             model=model if len(model) > 1 else model[0],
             num_microbatches=num_microbatches,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=t.micro_batch_size,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
             forward_only=False,
         )
         if timers is not None:
