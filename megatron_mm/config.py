@@ -140,7 +140,10 @@ class ModelConfig:
     router_num_groups: Optional[int] = None  # node-limited (group) routing
     router_group_topk: Optional[int] = None
     aux_loss_coeff: float = 0.0  # sequence-level auxiliary loss (DeepSeek-V3 uses 1e-4)
-    moe_grouped_gemm: bool = False
+    # Routed experts as one grouped GEMM per projection (models/grouped_experts.py; TE:
+    # TEGroupedMLP); false: megatron-core's SequentialMLP. Same parameters and checkpoints, and on
+    # the CPU the same numbers bit for bit, faster.
+    moe_grouped_gemm: bool = True
     # Multi-token prediction.
     mtp_num_layers: int = 0
     mtp_loss_scaling_factor: float = 0.1

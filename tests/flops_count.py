@@ -18,9 +18,13 @@ The multimodal scenarios run the decoder's attention over the dense mask
 FlexAttention op (the fused path's CPU kernel raises "no implementation found for
 'torch.ops.higher_order.flex_attention'" under FlopCounterMode), and costs/flops.py prices
 either path as that whole score matrix.
+
+The grouped expert GEMM (`aten._grouped_mm`, models/grouped_gemm.py; `model.moe_grouped_gemm`)
+is missing from the table too: priced as the per-expert matmuls it replaces.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -71,9 +75,16 @@ def _attention_formulas():
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)  # dO·Vᵀ, Pᵀ·dO, dS·K, dSᵀ·Q
 
+    def grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
+        # 2-D x 3-D (rows, k) x (groups, k, n) -> (rows, n): 2·rows·n·k. 2-D x 2-D (the weight
+        # gradient) (p, rows) x (rows, q) -> (groups, p, q): each row in one group, 2·p·q·rows.
+        groups = out_shape[0] if len(out_shape) == 3 else 1
+        return 2 * math.prod(out_shape) // groups * a_shape[-1]
+
     aten = torch.ops.aten
     return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+            aten._grouped_mm: grouped_mm}
 
 
 def _batch(cfg):

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_mm.config import Config
@@ -155,14 +156,14 @@ def _reduce_replicated_experts(tc: MLATransformerConfig, chunk: torch.nn.Module)
     here like a layernorm: `sequence_parallel` (finalize_model_grads sums it over TP) and
     not `tensor_model_parallel` (the gradient norm counts it once, not once per TP rank).
     Optimizer and checkpoint layout stay as they are, so checkpoints still move between
-    layouts."""
+    layouts. (Found through the MoE layers: megatron-core's TE grouped linears set no `is_expert`.)"""
     if not tc.num_moe_experts or tc.expert_model_parallel_size > 1:
         return
     if (tc.expert_tensor_parallel_size or tc.tensor_model_parallel_size) >= tc.tensor_model_parallel_size:
         return
     for module in chunk.modules():
-        if getattr(module, "is_expert", False):
-            for param in module.parameters(recurse=False):
+        if isinstance(module, MoELayer):  # its routed experts, whichever module runs them
+            for param in module.experts.parameters():
                 param.sequence_parallel = True
                 param.tensor_model_parallel = False
 

@@ -4,9 +4,12 @@ Two megatron-core `BackendSpecProvider`s of ours:
   * `TESpecs` — Transformer Engine linears, norm and attention (needed for FP8);
   * `PortableSpecs` — megatron-core's torch tensor-parallel linears plus our SDPA attention
     and sequence-parallel RMSNorm / LayerNorm (`portable.py`); runs anywhere torch runs.
-Both keep layernorms unfused and experts as `SequentialMLP`, so every parameter has the
-same name (and the same dist-checkpoint key) under either backend and a checkpoint moves
-between them. (TE modules also keep an `_extra_state` entry for FP8 metadata.)
+Both keep layernorms unfused, so every parameter has the same name (and the same
+dist-checkpoint key) under either backend and a checkpoint moves between them. (TE modules
+also keep an `_extra_state` entry for FP8 metadata.) Routed experts are megatron-core's
+`SequentialMLP`, or with `model.moe_grouped_gemm` one grouped GEMM per projection: our
+`GroupedMLP` (grouped_experts.py) on the portable backend, megatron-core's `TEGroupedMLP` under
+TE; all three save the same dist-checkpoint keys.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_mm.models.attention_mask import DENSE_MASK, SEGMENT_IDS
+from megatron_mm.models.grouped_experts import GroupedMLP
 from megatron_mm.models.portable import FlexSegmentAttention, Norm, SDPAttention
 
 
@@ -64,7 +68,7 @@ class PortableSpecs(LocalSpecProvider):
         return SDPAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
-        return SequentialMLP, MLPSubmodules(
+        return GroupedMLP if moe_use_grouped_gemm else SequentialMLP, MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
         )
 
@@ -91,6 +95,8 @@ def _te_specs_class():
             return TEDotProductAttention
 
         def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
+            if moe_use_grouped_gemm:  # TEGroupedMLP over TE's grouped linears
+                return super().grouped_mlp_modules(True, False)
             return SequentialMLP, MLPSubmodules(
                 linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear
             )
@@ -184,13 +190,15 @@ def decoder_attention(backend, documents: Optional[str]) -> tuple[AttnMaskType, 
     return AttnMaskType.causal, backend.core_attention()
 
 
-def mla_layer_spec(backend, moe: bool, num_experts: Optional[int], documents: Optional[str] = None) -> ModuleSpec:
+def mla_layer_spec(backend, moe: bool, num_experts: Optional[int], documents: Optional[str] = None,
+                   grouped_gemm: bool = False) -> ModuleSpec:
     """One decoder layer: RMSNorm → MLA self-attention → RMSNorm → dense MLP or MoE.
-    `documents`: how packed samples are kept apart (`decoder_attention`)."""
+    `documents`: how packed samples are kept apart (`decoder_attention`).
+    `grouped_gemm`: routed experts as grouped GEMMs (`config.moe_grouped_gemm`)."""
     attn_mask_type, core_attention = decoder_attention(backend, documents)
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(
-        backend=backend, num_experts=num_experts if moe else None, moe_grouped_gemm=False
+        backend=backend, num_experts=num_experts if moe else None, moe_grouped_gemm=grouped_gemm
     )
     linear = backend.column_parallel_linear()
     return ModuleSpec(
@@ -280,7 +288,8 @@ def decoder_block_spec(
     marks which global layers are MoE (DeepSeek-V3: the first k are dense)."""
     pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
     dense = mla_layer_spec(backend, moe=False, num_experts=None, documents=documents)
-    moe = (mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts, documents=documents)
+    moe = (mla_layer_spec(backend, moe=True, num_experts=config.num_moe_experts, documents=documents,
+                          grouped_gemm=config.moe_grouped_gemm)
            if config.num_moe_experts else None)
     specs = [moe if is_moe else dense for is_moe in pattern]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -295,6 +304,6 @@ def mtp_block_spec(config: TransformerConfig, backend, vp_stage: Optional[int], 
     if not config.mtp_num_layers:
         return None
     layer = mla_layer_spec(backend, moe=bool(config.num_moe_experts), num_experts=config.num_moe_experts,
-                           documents=documents)
+                           documents=documents, grouped_gemm=config.moe_grouped_gemm)
     return get_gpt_mtp_block_spec_for_backend(config, layer, backend=backend, vp_stage=vp_stage)
 
