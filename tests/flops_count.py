@@ -60,8 +60,8 @@ PARTS = [
     r"decoder\.layers\.\d+\.(self_attention|mlp)",
     r"mtp\.layers\.\d+\.eh_proj", r"mtp\.layers\.\d+\.transformer_layer\.(self_attention|mlp)",
     r"output_layer",
-    r"vision\.(patch_embedding|transformer|resampler|projector)",
-    r"audio\.(conv1|conv2|transformer|projector)",
+    r"vision\.(tower|resampler|projector)",
+    r"audio\.(conv1|conv2|decoder|projector)",
 ]
 
 

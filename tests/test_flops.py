@@ -62,9 +62,9 @@ def counted_parts(counts: dict) -> dict:
         "decoder": modules(counts, "decoder."),
         "mtp": modules(counts, "mtp."),
         "lm_head": counts.get("output_layer", 0),
-        "vision_encoder": modules(counts, "vision.", ("patch_embedding", "transformer")),
+        "vision_encoder": modules(counts, "vision.", ("tower",)),
         "vision_projector": modules(counts, "vision.", ("resampler", "projector")),
-        "audio_encoder": modules(counts, "audio.", ("conv1", "conv2", "transformer")),
+        "audio_encoder": modules(counts, "audio.", ("conv1", "conv2", "decoder")),
         "audio_projector": counts.get("audio.projector", 0),
     }
 
