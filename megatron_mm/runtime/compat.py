@@ -476,6 +476,43 @@ def _save_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+# --------------------------------------------------------------------------- one-rank buffer collectives
+# Call site: distributed/param_and_grad_buffer.py, `_ParamAndGradBucketGroup.start_grad_sync`
+# (`dist_reduce_scatter_func(local_data_view, bucket.grad_data, ...)`, the distributed
+# optimizer's gradient reduce-scatter) and `start_param_sync` (`dist_all_gather_func(
+# bucket.param_data, local_data_view, ...)`, its parameter all-gather), once a step each. With one
+# rank in the distributed optimizer's group the shard *is* the whole buffer (the same memory), so
+# both are the identity, but gloo still runs them as collectives over the gradient and parameter
+# buffers: 20-23 ms of CPU a step each at 6M parameters, and far more wall time on a loaded
+# machine (gloo's own threads; measured 170 ms each at a load of 30 on 2 cores). Skipped when the
+# group has one rank, the op is synchronous and the shard is the buffer; anything else goes to
+# megatron-core's call as before. CPU (gloo) only: NCCL's one-rank collective costs nothing.
+
+
+def _skip_one_rank_buffer_collectives() -> None:
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    def identity(output, input_, group=None, async_op=False):
+        return (not async_op and torch.distributed.get_world_size(group) == 1
+                and output.data_ptr() == input_.data_ptr() and output.numel() == input_.numel())
+
+    reduce_scatter, all_gather = buffers.dist_reduce_scatter_func, buffers.dist_all_gather_func
+
+    def reduce_scatter_unless_one_rank(output, input_, op=None, group=None, async_op=False):
+        if identity(output, input_, group, async_op):
+            return None
+        kwargs = {} if op is None else {"op": op}
+        return reduce_scatter(output, input_, group=group, async_op=async_op, **kwargs)
+
+    def all_gather_unless_one_rank(output, input_, group=None, async_op=False):
+        if identity(output, input_, group, async_op):
+            return None
+        return all_gather(output, input_, group=group, async_op=async_op)
+
+    buffers.dist_reduce_scatter_func = reduce_scatter_unless_one_rank
+    buffers.dist_all_gather_func = all_gather_unless_one_rank
+
+
 WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cpu_rng_tracker",
@@ -554,6 +591,13 @@ WORKAROUNDS: list[Workaround] = [
         "process at the first save (2.4 s a rank; our saves are synchronous; any hardware)",
         lambda hw: True,
         _save_results_in_process,
+    ),
+    Workaround(
+        "one_rank_buffer_collectives",
+        "distributed/param_and_grad_buffer.py start_grad_sync / start_param_sync: gloo reduce-scatters and "
+        "all-gathers the whole gradient and parameter buffers over a one-rank group (the identity) every step",
+        lambda hw: not hw.has_cuda,
+        _skip_one_rank_buffer_collectives,
     ),
 ]
 
