@@ -56,6 +56,19 @@ def cuda_devices_to_cpu():
     assert emb.inv_freq.device.type == "cpu"
     assert torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+    # The call sites the mode steps aside for: wrapped, they run without it, and their own code
+    # still names no CUDA device.
+    import importlib
+
+    from megatron_mm.runtime import compat
+
+    for module, cls, name in compat.OUTSIDE_CUDA_MODE:
+        method = getattr(getattr(importlib.import_module(module), cls), name)
+        assert getattr(method, "outside_cuda_mode", False), f"{cls}.{name} runs under the mode"
+        source = inspect.getsource(inspect.unwrap(method))
+        assert not any(s in source for s in ('"cuda"', "'cuda'", ".cuda(")), f"{cls}.{name} names a CUDA device"
+    assert compat._outside_cuda_mode(torch.overrides._get_current_function_mode)() is None
+    assert torch.overrides._get_current_function_mode() is not None  # and it is back
 
 
 def cpu_streams():
