@@ -526,7 +526,7 @@ def _save_results_in_process() -> None:
 # buffers: 20-23 ms of CPU a step each at 6M parameters, and far more wall time on a loaded
 # machine (gloo's own threads; measured 170 ms each at a load of 30 on 2 cores). Skipped when the
 # group has one rank, the op is synchronous and the shard is the buffer; anything else goes to
-# megatron-core's call as before. CPU (gloo) only: NCCL's one-rank collective costs nothing.
+# megatron-core's call as before. Applied where there is no GPU (gloo); NCCL's one-rank case not measured.
 
 
 def _skip_one_rank_buffer_collectives() -> None:
