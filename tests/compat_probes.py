@@ -60,6 +60,19 @@ def cuda_devices_to_cpu():
 
     assert ".cuda()" in inspect.getsource(clip_vit_model.CLIPViTModel.__init__)
     assert torch.arange(3).cuda().device.type == "cpu"
+    # The call sites the mode steps aside for: wrapped, they run without it, and their own code
+    # still names no CUDA device.
+    import importlib
+
+    from megatron_mm.runtime import compat
+
+    for module, cls, name in compat.OUTSIDE_CUDA_MODE:
+        method = getattr(getattr(importlib.import_module(module), cls), name)
+        assert getattr(method, "outside_cuda_mode", False), f"{cls}.{name} runs under the mode"
+        source = inspect.getsource(inspect.unwrap(method))
+        assert not any(s in source for s in ('"cuda"', "'cuda'", ".cuda(")), f"{cls}.{name} names a CUDA device"
+    assert compat._outside_cuda_mode(torch.overrides._get_current_function_mode)() is None
+    assert torch.overrides._get_current_function_mode() is not None  # and it is back
 
 
 def cpu_streams():
@@ -172,9 +185,36 @@ def cpu_flex_attention():
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
+def one_rank_buffer_collectives():
+    """On a one-rank group the distributed optimizer's gradient reduce-scatter and parameter
+    all-gather (param_and_grad_buffer.py, inside a coalescing manager as start_grad_sync and
+    start_param_sync call them) queue no collective for gloo, and leave the buffer as it was.
+    Without: both are queued (and run over the whole buffers at the manager's exit)."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+    from torch.distributed.distributed_c10d import _coalescing_manager, _world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            group = torch.distributed.new_group([0])
+            grads, params = torch.arange(6.0), torch.arange(6.0) + 10
+            queued = 0
+            with _coalescing_manager(group):
+                buffers.dist_reduce_scatter_func(grads[0:6], grads, op=torch.distributed.ReduceOp.SUM, group=group)
+                queued += len(_world.pg_coalesce_state.get(group, []))
+            with _coalescing_manager(group):
+                buffers.dist_all_gather_func(params, params[0:6], group=group)
+                queued += len(_world.pg_coalesce_state.get(group, []))
+            assert torch.equal(grads, torch.arange(6.0)) and torch.equal(params, torch.arange(6.0) + 10)
+            assert queued == 0, f"{queued} one-rank collectives queued"
+        finally:
+            torch.distributed.destroy_process_group()
+
+
 PROBES = [cpu_rng_tracker, cpu_checkpoint_rng, cuda_devices_to_cpu, cpu_streams, cpu_split_sizes, mla_without_te,
           router_gemm_without_te, optimizer_state_before_first_step, adam_step_on_load, zero_grad_of_views,
-          eager_fused_functions, save_results_in_process, cpu_flex_attention]
+          eager_fused_functions, save_results_in_process, cpu_flex_attention,
+          one_rank_buffer_collectives]
 
 
 # --------------------------------------------------------------------------- notices

@@ -38,7 +38,8 @@ def test_every_workaround_has_a_probe():
 @pytest.mark.parametrize("name", [
     "cpu_rng_tracker", "cpu_checkpoint_rng", "cuda_devices_to_cpu", "cpu_streams", "cpu_split_sizes", "mla_without_te",
     "router_gemm_without_te", "optimizer_state_before_first_step", "adam_step_on_load", "zero_grad_of_views",
-    "eager_fused_functions", "save_results_in_process", "cpu_flex_attention", "batch_p2p_comm",
+    "eager_fused_functions", "save_results_in_process", "cpu_flex_attention", "one_rank_buffer_collectives",
+    "batch_p2p_comm",
 ])
 def test_workaround_needed_and_working(results, name):
     assert results["without"][name] != "ok", f"{name}: megatron-core no longer needs this workaround"

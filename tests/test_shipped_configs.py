@@ -24,7 +24,7 @@ from megatron_mm.models.params import estimate_parameters
 CPU = Hardware(has_cuda=False, fp8_capable=False, has_transformer_engine=False, device_name="cpu")
 CPU_PARAMETER_LIMIT = 50_000_000  # a short run of more takes minutes a step on 2 cores
 NOT_RUN_CONFIGS = ("clusters", "ablations")  # cluster profiles and layout lists, not run configs
-RUNS_ON_CPU = ["configs/models/tiny.yaml", "configs/models/tiny_alt.yaml", "configs/quickstart.yaml",
+RUNS_ON_CPU = ["configs/bench/cpu_item5.yaml", "configs/models/tiny.yaml", "configs/models/tiny_alt.yaml", "configs/quickstart.yaml",
                "configs/quickstart_text.yaml"]
 # the quickstarts' README commands already run them as written, short runs included (test_readme)
 RUN_BY_README = ["configs/quickstart.yaml", "configs/quickstart_text.yaml"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -166,6 +167,45 @@ def _redirect_cuda_devices() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     _cuda_mode = CudaToCpuMode()
     _cuda_mode.__enter__()  # for the life of the process
+    _call_sites_outside_mode()
+
+
+# The mode costs every torch call it sees a Python round trip (3.7 us measured; 9,766 calls a
+# training step at the item-5 CPU benchmark shape, configs/bench/cpu_item5.yaml). It steps aside
+# while the call sites below run, which make no CUDA device argument of their own (they allocate
+# on `torch.cuda.current_device()`, which answers the CPU above; streams and split sizes are the
+# patches below) and make most of a step's torch calls (2,303 a step remain, 76 % fewer):
+#   transformer/transformer_layer.py TransformerLayer.forward: attention, MLP, MoE router,
+#     dispatcher and experts of every decoder layer;
+#   torch/optim/adam.py Adam.step (AdamW's too): the optimizer's update, per parameter;
+#   optimizer/distrib_optimizer.py DistributedOptimizer._copy_model_grads_to_main_grads /
+#     _copy_main_params_to_model_params: its per-parameter copies.
+# Whatever they call outside (a hook, a callback) runs with the mode as before. Probe:
+# tests/compat_probes.py cuda_devices_to_cpu (none of them sees the mode; a layer runs on the CPU).
+OUTSIDE_CUDA_MODE = [
+    ("megatron.core.transformer.transformer_layer", "TransformerLayer", "forward"),
+    ("torch.optim.adam", "Adam", "step"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "_copy_model_grads_to_main_grads"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "_copy_main_params_to_model_params"),
+]
+
+
+def _outside_cuda_mode(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if torch.overrides._get_current_function_mode() is not _cuda_mode:
+            return method(*args, **kwargs)
+        with torch.overrides._pop_mode_temporarily():
+            return method(*args, **kwargs)
+
+    run.outside_cuda_mode = True
+    return run
+
+
+def _call_sites_outside_mode() -> None:
+    for module, cls, name in OUTSIDE_CUDA_MODE:
+        owner = getattr(importlib.import_module(module), cls)
+        setattr(owner, name, _outside_cuda_mode(getattr(owner, name)))
 
 
 # --------------------------------------------------------------------------- CUDA streams
@@ -504,6 +544,43 @@ def _cpu_flex_attention() -> None:
     packed_attention.kernel = _flex_attention_through_sdpa
 
 
+# --------------------------------------------------------------------------- one-rank buffer collectives
+# Call site: distributed/param_and_grad_buffer.py, `_ParamAndGradBucketGroup.start_grad_sync`
+# (`dist_reduce_scatter_func(local_data_view, bucket.grad_data, ...)`, the distributed
+# optimizer's gradient reduce-scatter) and `start_param_sync` (`dist_all_gather_func(
+# bucket.param_data, local_data_view, ...)`, its parameter all-gather), once a step each. With one
+# rank in the distributed optimizer's group the shard *is* the whole buffer (the same memory), so
+# both are the identity, but gloo still runs them as collectives over the gradient and parameter
+# buffers: 20-23 ms of CPU a step each at 6M parameters, and far more wall time on a loaded
+# machine (gloo's own threads; measured 170 ms each at a load of 30 on 2 cores). Skipped when the
+# group has one rank, the op is synchronous and the shard is the buffer; anything else goes to
+# megatron-core's call as before. Applied where there is no GPU (gloo); NCCL's one-rank case not measured.
+
+
+def _skip_one_rank_buffer_collectives() -> None:
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    def identity(output, input_, group=None, async_op=False):
+        return (not async_op and torch.distributed.get_world_size(group) == 1
+                and output.data_ptr() == input_.data_ptr() and output.numel() == input_.numel())
+
+    reduce_scatter, all_gather = buffers.dist_reduce_scatter_func, buffers.dist_all_gather_func
+
+    def reduce_scatter_unless_one_rank(output, input_, op=None, group=None, async_op=False):
+        if identity(output, input_, group, async_op):
+            return None
+        kwargs = {} if op is None else {"op": op}
+        return reduce_scatter(output, input_, group=group, async_op=async_op, **kwargs)
+
+    def all_gather_unless_one_rank(output, input_, group=None, async_op=False):
+        if identity(output, input_, group, async_op):
+            return None
+        return all_gather(output, input_, group=group, async_op=async_op)
+
+    buffers.dist_reduce_scatter_func = reduce_scatter_unless_one_rank
+    buffers.dist_all_gather_func = all_gather_unless_one_rank
+
+
 WORKAROUNDS: list[Workaround] = [
     Workaround(
         "cpu_rng_tracker",
@@ -589,6 +666,13 @@ WORKAROUNDS: list[Workaround] = [
         "(our FlexSegmentAttention, model.document_attention=fused)",
         lambda hw: not hw.has_cuda,
         _cpu_flex_attention,
+    ),
+    Workaround(
+        "one_rank_buffer_collectives",
+        "distributed/param_and_grad_buffer.py start_grad_sync / start_param_sync: gloo reduce-scatters and "
+        "all-gathers the whole gradient and parameter buffers over a one-rank group (the identity) every step",
+        lambda hw: not hw.has_cuda,
+        _skip_one_rank_buffer_collectives,
     ),
 ]
 
