@@ -1,4 +1,4 @@
-"""The transformers baseline (training/transformers_baseline.py) and tools/compare_cpu_speed.py at
+"""The transformers baseline (conversion/transformers_baseline.py) and tools/compare_cpu_speed.py at
 toy size: the baseline's model is ours (the same parameter count as the model our loop builds),
 it learns a fixed batch, and the tool alternates both and reports what it printed."""
 
@@ -18,7 +18,7 @@ def test_baseline_learns_a_fixed_batch():
     import torch
 
     from megatron_mm.config import load_config
-    from megatron_mm.training.transformers_baseline import measure_transformers_training
+    from megatron_mm.conversion.transformers_baseline import measure_transformers_training
 
     torch.set_num_threads(1)
     cfg = load_config(QUICKSTART, TOY)
@@ -35,7 +35,7 @@ def test_baseline_learns_a_fixed_batch():
 
 def test_tool_alternates_and_models_match(tmp_path, capsys):
     from megatron_mm.config import load_config
-    from megatron_mm.training.transformers_baseline import hf_model
+    from megatron_mm.conversion.transformers_baseline import hf_model
 
     run_dir = tmp_path / "run"
     args = ["--config", QUICKSTART, *[a for o in TOY + [f"run.dir={run_dir}"] for a in ("--set", o)],

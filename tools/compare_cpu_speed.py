@@ -1,5 +1,5 @@
 """Training speed of a config on this CPU: our step (tools/benchmark.py) against the same model
-trained by plain transformers + torch AdamW (megatron_mm/training/transformers_baseline.py),
+trained by plain transformers + torch AdamW (megatron_mm/conversion/transformers_baseline.py),
 alternating, `--rounds` times each, in one run:
 
     python tools/compare_cpu_speed.py --config configs/bench/cpu_item5.yaml --rounds 2 \\
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     def work() -> None:
         import torch
 
-        from megatron_mm.training.transformers_baseline import measure_transformers_training
+        from megatron_mm.conversion.transformers_baseline import measure_transformers_training
 
         cfg = load_config(args.config, args.overrides)
         threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())

@@ -15,7 +15,7 @@ Parts (each skipped with a one-line reason when its package, device or time is m
                 Transformer Engine (a `transformer_engine` that fails to import first on the path),
                 so they use the portable spec even where TE is installed.
   transformers  plain `transformers` DeepseekV3ForCausalLM training steps on the same model and
-                batch (megatron_mm/training/transformers_baseline.py), tokens/s side by side
+                batch (megatron_mm/conversion/transformers_baseline.py), tokens/s side by side
   data          tools/benchmark_data.py on the same fixture shards: DALI (`mixed` decode on a GPU)
                 and the PyTorch DataLoader + Pillow, images/s
   te            where `transformer_engine.pytorch` imports: te_bundle's smoke test, then the
@@ -188,9 +188,9 @@ def part_benchmark(ctx) -> dict:
 
 def part_transformers(ctx) -> dict:
     try:
-        from megatron_mm.training.transformers_baseline import measure_transformers_training
+        from megatron_mm.conversion.transformers_baseline import measure_transformers_training
     except ImportError as e:
-        return {"skipped": f"megatron_mm.training.transformers_baseline does not import: {e}"}
+        return {"skipped": f"megatron_mm.conversion.transformers_baseline does not import: {e}"}
     if importlib.util.find_spec("transformers") is None:
         return {"skipped": "transformers is not installed (te_bundle --group transformers carries it)"}
     if reason := ctx.budget.refuse(10 if ctx.smoke else 60):

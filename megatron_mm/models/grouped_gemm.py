@@ -23,7 +23,7 @@ a per-group loop inside torch on the CPU. What it needs, and how it is met here:
   rows at all takes the loop (the weight gradients' contraction would be empty, which the
   kernel's layout check rejects).
 * Where the kernel cannot serve the call (CUDA before Hopper, a dtype other than bf16 on CUDA,
-  unaligned sizes), the same math runs as a loop of `F.linear` over the groups: the same
+  row sizes that are not a multiple of 16 bytes, on any device), the same math runs as a loop of `F.linear` over the groups: the same
   parameters and results, one matmul per group.
 """
 
@@ -39,12 +39,15 @@ def uses_grouped_kernel(x: torch.Tensor, out_features: int) -> bool:
     """Whether `torch._grouped_mm` serves a call with input `x` (rows, in) and `out_features`."""
     if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
         return False
+    # 16-byte row strides (checked on the CPU too: "strides should be multiple of 16 bytes")
+    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0
+    if not aligned:
+        return False
     if x.device.type == "cpu":
         return True
     if x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
-    aligned = x.shape[1] % 8 == 0 and out_features % 8 == 0  # 16-byte row strides in bf16
-    return aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def group_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> torch.Tensor:
