@@ -69,6 +69,12 @@ def pretrain(nproc: int, overrides: list[str], timeout: int = 600, check: bool =
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", script] + args
+    return _run(cmd, timeout, check)
+
+
+def _run(cmd: list[str], timeout: int, check: bool = True) -> subprocess.CompletedProcess:
+    """`cmd` from the checkout as the training tests start it (one thread, warnings off);
+    `check`: a failure raises with the tails of its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
@@ -82,11 +88,7 @@ def pretrain_in_turn(runs: list[list[str]], runs_file: str, timeout: int = 900, 
     `pretrain(1, overrides)` would, with one process start for all."""
     with open(runs_file, "w") as f:
         json.dump([[config, overrides] for overrides in runs], f)
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "helpers", "train_in_turn.py"), runs_file]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    _run([sys.executable, os.path.join(ROOT, "tests", "helpers", "train_in_turn.py"), runs_file], timeout)
 
 
 def tool(name: str, args: list[str], capsys) -> tuple[int, str, str]:
